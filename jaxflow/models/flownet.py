@@ -1,0 +1,1 @@
+"""flownet (placeholder: being written)."""

@@ -1,0 +1,95 @@
+"""Building blocks shared by the models: convolutions with a compute dtype, input checks, size fitting.
+
+Parameters are always float32 (`param_dtype`); `dtype` is the compute dtype from the config. Every model
+builds its convolutions through `conv` / `deconv` here, so a faster convolution for a given backend can be
+swapped in at one place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxflow.ops import resize_flow
+
+# FlowNet/PWC-Net use MSRA (He) initialisation in the released Caffe/PyTorch code.
+kaiming = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def leaky_relu(x: jax.Array, slope: float = 0.1) -> jax.Array:
+  return jnp.where(x >= 0, x, slope * x)
+
+
+def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, *, dtype: Any = jnp.float32,
+         use_bias: bool = True, name: str | None = None) -> nn.Conv:
+  """A 'same'-padded 2D convolution: padding (kernel - 1) // 2 * dilation on each side, like the released code."""
+  pad = (kernel - 1) // 2 * dilation
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=kaiming, name=name)
+
+
+def deconv(features: int, kernel: int = 4, stride: int = 2, *, dtype: Any = jnp.float32,
+           use_bias: bool = True, name: str | None = None) -> nn.ConvTranspose:
+  """A transposed convolution that exactly doubles the size for kernel 4, stride 2 (PyTorch padding=1)."""
+  # PyTorch ConvTranspose2d(k=4, s=2, p=1) output = 2 * input; in lax terms the dilated input is padded by
+  # k - 1 - p = 2 on each side.
+  pad = kernel - 1 - (kernel - stride) // 2
+  return nn.ConvTranspose(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                          use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kaiming,
+                          name=name)
+
+
+def check_image_pair(image1: Any, image2: Any, model: str) -> None:
+  """Raises a ValueError/TypeError saying what was expected when the two frames are not a valid pair."""
+  for label, im in (("image1", image1), ("image2", image2)):
+    shape = getattr(im, "shape", None)
+    dtype = getattr(im, "dtype", None)
+    if shape is None or len(shape) != 4:
+      raise ValueError(f"{model}: {label} must be a 4-D (B, H, W, 3) array, got shape {shape}")
+    if shape[-1] != 3:
+      raise ValueError(f"{model}: {label} must have 3 (RGB) channels in the last axis, got shape {shape}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"{model}: {label} must be floating point RGB in [0, 1], got dtype {dtype}; "
+                      "convert integer images with image.astype(float32) / 255")
+  if tuple(image1.shape) != tuple(image2.shape):
+    raise ValueError(f"{model}: image1 and image2 must have the same shape, got {image1.shape} and {image2.shape}")
+
+
+def fit_to_multiple(image1: jax.Array, image2: jax.Array, multiple: int) -> tuple[jax.Array, jax.Array]:
+  """Resizes both frames (bilinear) up to the next multiple of `multiple` in H and W; no-op if already there."""
+  b, h, w, c = image1.shape
+  nh, nw = math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple
+  if (nh, nw) == (h, w):
+    return image1, image2
+  resize = lambda im: jax.image.resize(im, (b, nh, nw, c), method="bilinear", antialias=False)
+  return resize(image1), resize(image2)
+
+
+def flows_to_input_units(flows: Sequence[jax.Array], network_size: tuple[int, int],
+                         input_size: tuple[int, int]) -> list[jax.Array]:
+  """Rescales flow values from pixels of the (resized) network input to pixels of the caller's input.
+
+  Spatial sizes stay those of each level; only u is scaled by W/W_net and v by H/H_net.
+  """
+  (nh, nw), (h, w) = network_size, input_size
+  if (nh, nw) == (h, w):
+    return list(flows)
+  scale = jnp.asarray([w / nw, h / nh], jnp.float32)
+  return [f * scale.astype(f.dtype) for f in flows]
+
+
+def upsample_to_input(flow: jax.Array, input_size: tuple[int, int]) -> jax.Array:
+  """Bilinear upsampling of a flow whose values are already in input pixels to the input size (no rescale)."""
+  b, h, w, _ = flow.shape
+  if (h, w) == tuple(input_size):
+    return flow
+  return jax.image.resize(flow, (b, input_size[0], input_size[1], 2), method="bilinear", antialias=False)
+
+
+__all__ = ["check_image_pair", "conv", "deconv", "fit_to_multiple", "flows_to_input_units", "kaiming",
+           "leaky_relu", "resize_flow", "upsample_to_input"]

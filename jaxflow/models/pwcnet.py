@@ -1,0 +1,1 @@
+"""pwcnet (placeholder: being written)."""

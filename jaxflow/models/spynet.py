@@ -1,0 +1,1 @@
+"""spynet (placeholder: being written)."""
