@@ -1,0 +1,87 @@
+"""Orbax checkpoints of the TrainState under WORKDIR/checkpoints: save every N steps, keep the last K, restore.
+
+Every process calls save/restore (orbax coordinates the multi-host write). Saves are asynchronous; a
+checkpoint becomes visible only once it is complete (orbax writes into a temporary directory and renames it),
+so a process killed mid-save leaves the previous checkpoints intact and the next run resumes from the latest
+complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """Thin wrapper over ocp.CheckpointManager for one TrainState pytree."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any) -> bool:
+    """Starts saving `state` as checkpoint `step` (a no-op returning False if that step already exists)."""
+    if step in self._manager.all_steps():
+      return False
+    return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+    """Restores checkpoint `step` (default: the latest) into the shapes, dtypes and shardings of abstract_state."""
+    if step is None:
+      step = self._manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    try:
+      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"checkpoint {self.directory}/{step} does not match the model/optimizer of this config "
+                       f"(different model fields or optimizer?): {e}") from e
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_params(workdir: str, abstract_state: Any, step: int | None = None) -> Any:
+  """Restores a whole TrainState from another run's workdir (e.g. the previous SpyNet stage)."""
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    return ckpt.restore(abstract_state, step)
+  finally:
+    ckpt.close()
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes config.json beside the checkpoints (process 0 only); returns its path."""
+  path = os.path.join(workdir, "config.json")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)
+  return path
+
+
+def load_config_json(workdir: str) -> dict[str, Any]:
+  with open(os.path.join(workdir, "config.json")) as f:
+    return json.load(f)

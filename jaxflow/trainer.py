@@ -1,0 +1,390 @@
+"""train_and_evaluate(config, workdir): mesh, input, sharded init, the jitted loop, evaluation, logs, checkpoints.
+
+Layout of a workdir:
+  config.json        the resolved config (written by process 0)
+  checkpoints/<step> orbax checkpoints of the TrainState (last `keep_checkpoints`)
+  metrics.jsonl      one JSON object per line: train rows {"step", "train/..."} and eval rows {"step", "<eval>/..."}
+                     and a last row with "final": true
+  tensorboard/       tf.summary scalars and colour-coded flow images of a fixed validation batch
+
+Restarting with the same workdir resumes from the latest checkpoint; since the input stream is a pure function
+of (seed, step) and the per-step RNG is fold_in(state.rng, step), the resumed run reaches exactly the same
+parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxflow import checkpointing, optim, parallel, steps
+from jaxflow.train_state import TrainState, create_train_state, make_init_fn, param_count
+
+TrainIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
+EvalIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradients became NaN/Inf; the message names the first bad step."""
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def build_model(config: ml_collections.ConfigDict) -> Any:
+  from jaxflow.models import get_model
+  fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+  return get_model(config.model.name, **fields)
+
+
+def default_train_iter(config: ml_collections.ConfigDict, *, start_step: int, process_index: int,
+                       process_count: int) -> Iterable[dict[str, np.ndarray]]:
+  from data_pipelines import pipeline
+  return pipeline.train_iterator(config, start_step=start_step, process_index=process_index,
+                                 process_count=process_count)
+
+
+def default_eval_iter(config: ml_collections.ConfigDict, name: str, *, batch_size: int, process_index: int,
+                      process_count: int) -> Iterable[dict[str, np.ndarray]]:
+  from data_pipelines import pipeline
+  return pipeline.eval_iterator(config, name, batch_size=batch_size, process_index=process_index,
+                                process_count=process_count)
+
+
+def default_loss_fn(config: ml_collections.ConfigDict) -> steps.LossFn:
+  from jaxflow import losses
+  return functools.partial(losses.compute_loss, config.loss)
+
+
+class MetricWriter:
+  """Process 0 writes metrics.jsonl and TensorBoard summaries; other processes write nothing."""
+
+  def __init__(self, workdir: str, tensorboard: bool, resume_step: int):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    # Rows after the restored step were produced by the interrupted run and will be produced again.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        rows = [line for line in f if line.strip()]
+      kept = [r for r in rows if json.loads(r).get("step", 0) <= resume_step and not json.loads(r).get("final")]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    if tensorboard:
+      import tensorflow as tf
+      tf.config.set_visible_devices([], "GPU")
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, values: dict[str, Any], **extra: Any) -> None:
+    if not self.active:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in values.items()}, **extra}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      with self._tb.as_default():
+        for k, v in values.items():
+          self._tf.summary.scalar(k, float(v), step=step)
+
+  def images(self, step: int, name: str, images: np.ndarray) -> None:
+    if self.active and self._tb is not None:
+      with self._tb.as_default():
+        self._tf.summary.image(name, images, step=step, max_outputs=images.shape[0])
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+
+def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Pads a short (last) evaluation batch to `size` examples with zeros (valid = 0 so they do not count)."""
+  n = len(batch["image1"])
+  if n == size:
+    return batch
+  if n > size:
+    raise ValueError(f"evaluation batch of {n} examples is larger than the expected per-process size {size}")
+  return {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+
+
+class _StopRequest:
+  """Turns SIGTERM into a flag checked by the loop (Ctrl-C arrives as KeyboardInterrupt)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not in the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _init_from(config: ml_collections.ConfigDict, state: TrainState, replicated: jax.NamedSharding) -> TrainState:
+  """Initialises params (and batch stats) from the latest checkpoint of config.init_from (another workdir).
+
+  For SpyNet with more levels than the source run, spynet.init_from_coarser copies the trained coarser levels
+  G0..G{n-1} and the new finer level keeps its fresh initialisation (the paper's level-by-level training).
+  """
+  source = config.init_from
+  ckpt = checkpointing.Checkpointer(source, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"config.init_from={source!r}: no checkpoint in {ckpt.directory}")
+    import orbax.checkpoint as ocp
+    restored = ckpt._manager.restore(step, args=ocp.args.StandardRestore())
+  finally:
+    ckpt.close()
+  old_params = jax.tree.map(np.asarray, restored["params"])
+  new_params = jax.tree.map(np.asarray, jax.device_get(state.params))
+  if config.model.name == "spynet" and jax.tree.structure(old_params) != jax.tree.structure(new_params):
+    from jaxflow.models import spynet
+    params = spynet.init_from_coarser(new_params, old_params)
+  else:
+    if jax.tree.structure(old_params) != jax.tree.structure(new_params):
+      raise ValueError(f"config.init_from={source!r}: its parameters do not have the structure of model "
+                       f"{config.model.name!r} with these fields")
+    for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(new_params),
+                            zip(jax.tree.leaves(old_params), jax.tree.leaves(new_params))):
+      if np.shape(a) != np.shape(b):
+        raise ValueError(f"config.init_from={source!r}: parameter {jax.tree_util.keystr(path[0])} has shape "
+                         f"{np.shape(a)}, this model expects {np.shape(b)}")
+    params = old_params
+  put = lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda idx: np.asarray(x)[idx])
+  state = state.replace(params=jax.tree.map(put, params))
+  old_stats = restored.get("batch_stats") or {}
+  if jax.tree.leaves(old_stats) and jax.tree.structure(old_stats) == jax.tree.structure(state.batch_stats):
+    state = state.replace(batch_stats=jax.tree.map(put, old_stats))
+  _log(f"initialised parameters from {source} (step {step})")
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       train_iter_fn: TrainIterFn | None = None, eval_iter_fn: EvalIterFn | None = None,
+                       loss_fn: steps.LossFn | None = None, num_devices: int | None = None,
+                       stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains config.model for config.total_steps global steps; returns the final metrics and the state.
+
+  train_iter_fn / eval_iter_fn / loss_fn default to data_pipelines.pipeline and jaxflow.losses (tests inject
+  small fakes). num_devices restricts the mesh to the first devices (single process). stop_after_steps stops
+  (with a checkpoint) after that many steps of this invocation, like an interruption.
+  Returns {"step", "final": {metrics}, "best": {...}, "state": TrainState}.
+  """
+  workdir = os.path.abspath(workdir)
+  train_iter_fn = train_iter_fn or default_train_iter
+  eval_iter_fn = eval_iter_fn or default_eval_iter
+  loss_fn = loss_fn or default_loss_fn(config)
+  pid, nproc = jax.process_index(), jax.process_count()
+
+  mesh = parallel.make_mesh(num_devices)
+  rep, dshard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  local_batch = parallel.check_batch_size(config.batch_size, mesh)
+  checkpointing.save_config(config, workdir)
+  total_steps = int(config.total_steps)
+
+  model = build_model(config)
+  crop_h, crop_w = config.data.crop_size
+  image_shape = (1, int(crop_h), int(crop_w), 3)
+  trainable = None
+  if tuple(config.trainable_levels):
+    if config.model.name != "spynet":
+      raise ValueError(f"config.trainable_levels={tuple(config.trainable_levels)} is only for spynet, "
+                       f"not {config.model.name!r}")
+    from jaxflow.models import spynet
+    abstract_params = jax.eval_shape(
+        lambda k: model.init({"params": k}, jnp.zeros(image_shape), jnp.zeros(image_shape), train=False),
+        jax.random.key(0))["params"]
+    trainable = spynet.trainable_mask(abstract_params, tuple(config.trainable_levels))
+  tx = optim.make_optimizer(config.optim, total_steps, trainable)
+  schedule = optim.make_schedule(config.optim, total_steps)
+
+  state, abstract = create_train_state(make_init_fn(model, tx, image_shape), config.seed, rep)
+  state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(abstract, start)
+    _log(f"resumed from {ckpt.directory}/{start}")
+  else:
+    start = 0
+    if config.init_from:
+      state = _init_from(config, state, rep)
+  _log(f"model {config.model.name}: {param_count(state.params):,} parameters; {jax.device_count()} devices "
+       f"({nproc} processes); global batch {config.batch_size}; steps {start} -> {total_steps}")
+
+  train_step = jax.jit(steps.make_train_step(model, tx, loss_fn), in_shardings=(state_sharding, dshard),
+                       out_shardings=(state_sharding, rep), donate_argnums=0)
+  eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(state_sharding, dshard),
+                      out_shardings=(rep, dshard))
+
+  writer = MetricWriter(workdir, config.log_tensorboard, start)
+  best: dict[str, Any] = {}
+  val_images: dict[str, np.ndarray] | None = None
+
+  def evaluate(state: TrainState, step: int) -> dict[str, float]:
+    nonlocal val_images
+    results: dict[str, float] = {}
+    for name, ev in sorted(config.evals.items()):
+      bs = int(ev.batch_size)
+      per_process = parallel.check_batch_size(bs, mesh)
+      sums = None
+      first = None
+      for i, host_batch in enumerate(eval_iter_fn(config, ev.dataset, batch_size=bs, process_index=pid,
+                                                  process_count=nproc)):
+        if ev.num_batches and i >= ev.num_batches:
+          break
+        host_batch = _pad_batch({k: host_batch[k] for k in ("image1", "image2", "flow", "valid")}, per_process)
+        batch = parallel.to_global(host_batch, mesh)
+        s, flow = eval_step(state, batch)
+        sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+        if i == 0:
+          first = (host_batch, flow)
+      if sums is None:
+        raise ValueError(f"evaluation {name!r} (dataset {ev.dataset!r}) produced no batches")
+      means = steps.finalize_sums(jax.device_get(sums))
+      results.update({f"{name}/{k}": v for k, v in means.items()})
+      if config.log_images and writer._tb is not None and first is not None:
+        _write_flow_images(writer, step, name, first[0], first[1])
+    return results
+
+  key_metric = config.best_metric
+  stop = _StopRequest()
+  prefetch = parallel.Prefetcher(
+      train_iter_fn(config, start_step=start, process_index=pid, process_count=nproc), mesh,
+      size=config.prefetch)
+  acc = None
+  acc_steps = 0
+  last_time, last_step = time.time(), start
+  step = start
+  interrupted = False
+  try:
+    with stop:
+      try:
+        while step < total_steps:
+          batch = next(prefetch)
+          state, metrics = train_step(state, batch)
+          acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+          acc_steps += 1
+          step += 1
+          at_end = step == total_steps
+          log_now = step % config.log_every_steps == 0 or at_end
+          stop_now = stop_after_steps is not None and step - start >= stop_after_steps
+          if nproc == 1:
+            stop_now = stop_now or stop.requested
+          elif log_now:  # multi-process: agree at logging points only (a tiny collective)
+            stop_now = stop_now or parallel.allgather_flag(stop.requested)
+          if log_now or stop_now:
+            _check_finite(state, ckpt)
+            means = {f"train/{k}": float(v) / acc_steps for k, v in jax.device_get(acc).items()}
+            now = time.time()
+            rate = (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
+            eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
+            means["train/lr"] = float(schedule(step - 1))
+            means["train/pairs_per_s"] = rate
+            writer.write(step, means)
+            _log(f"step {step}/{total_steps}  loss {means['train/loss']:.4f}  epe {means['train/epe']:.3f}  "
+                 f"{rate:.1f} pairs/s  ETA {_format_eta(eta)}")
+            acc, acc_steps, last_time, last_step = None, 0, now, step
+          if config.eval_every_steps and (step % config.eval_every_steps == 0) and not at_end and config.evals:
+            _check_finite(state, ckpt)
+            results = evaluate(state, step)
+            _update_best(best, results, key_metric, step)
+            writer.write(step, results)
+            _log(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+          if (step % config.checkpoint_every_steps == 0) and not at_end:
+            _check_finite(state, ckpt)
+            ckpt.save(step, state)
+          if stop_now:
+            interrupted = True
+            break
+      except KeyboardInterrupt:
+        interrupted = True
+        _log(f"interrupted at step {step}")
+      _check_finite(state, ckpt)
+      ckpt.save(step, state)
+      ckpt.wait()
+      if interrupted:
+        _log(f"stopped at step {step}; checkpoint saved in {ckpt.directory}/{step}")
+        writer.flush()
+        return {"step": step, "final": {}, "best": best, "state": state, "interrupted": True}
+      final: dict[str, float] = {}
+      if config.evals:
+        final = evaluate(state, step)
+        _update_best(best, final, key_metric, step)
+        writer.write(step, final)
+        _log(f"final eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(final.items())))
+      writer.write(step, final, final=True, best=best)
+      writer.flush()
+      return {"step": step, "final": final, "best": best, "state": state, "interrupted": False}
+  finally:
+    prefetch.close()
+    ckpt.close()
+
+
+def _check_finite(state: TrainState, ckpt: checkpointing.Checkpointer) -> None:
+  bad = int(jax.device_get(state.bad_step))
+  if bad >= 0:
+    latest = ckpt.latest_step()
+    raise NonFiniteLossError(
+        f"non-finite loss or gradients at step {bad} (0-based; no update was applied from then on); stopping "
+        f"without saving. Last good checkpoint: {'none' if latest is None else f'{ckpt.directory}/{latest}'}. "
+        "Lower config.optim.base_lr or set config.optim.clip_grad_norm.")
+
+
+def _update_best(best: dict[str, Any], results: dict[str, float], key: str, step: int) -> None:
+  if key in results and ("value" not in best or results[key] < best["value"]):
+    best.update({"metric": key, "value": results[key], "step": step})
+
+
+def _write_flow_images(writer: MetricWriter, step: int, name: str, host_batch: dict[str, np.ndarray],
+                       flow: jax.Array) -> None:
+  """Colour-coded predicted and ground-truth flows (and frame 1) of the first examples of a fixed batch."""
+  from jaxflow import viz
+  n = min(3, len(host_batch["image1"]))
+  local = np.asarray(jax.device_get(flow.addressable_shards[0].data)) if not flow.is_fully_addressable else \
+      np.asarray(jax.device_get(flow))
+  n = min(n, len(local))
+  gt = host_batch["flow"][:n]
+  # One colour scale per example (the ground truth's maximum), so prediction and truth are comparable.
+  pred_rgb, gt_rgb = [], []
+  for i in range(n):
+    scale = max(float(np.max(np.linalg.norm(gt[i], axis=-1))), 1e-6)
+    pred_rgb.append(viz.flow_to_color(local[i], max_radius=scale))
+    gt_rgb.append(viz.flow_to_color(gt[i], max_radius=scale))
+  frame = (np.clip(host_batch["image1"][:n], 0, 1) * 255).astype(np.uint8)
+  grid = np.concatenate([frame, np.stack(gt_rgb), np.stack(pred_rgb)], axis=2)
+  writer.images(step, f"{name}/image1_gt_pred", grid)
