@@ -144,40 +144,53 @@ def _unfilter(raw: np.ndarray, height: int, width: int, bpp: int, path) -> np.nd
   Every filter predicts byte (r, c) from its left (r, c-1), up (r-1, c) and up-left (r-1, c-1)
   neighbours (in pixel units of bpp bytes), so all pixels on an anti-diagonal r + c = k can be
   decoded together once diagonal k - 1 is done: H + W - 1 vectorised steps instead of H * W.
+  Images that use only the None, Sub and Up filters are decoded row by row instead.
   """
   ftype = raw[:, 0]
   if np.any(ftype > 4):
     bad = int(np.argmax(ftype > 4))
     raise FlowFileError(f"{path}: PNG row {bad} has invalid filter type {int(ftype[bad])} (expected 0-4)")
   filt = raw[:, 1:].reshape(height, width, bpp).astype(np.int16)
-  if np.all(ftype == 0):
-    return filt.astype(np.uint8)
-  if np.all((ftype == 0) | (ftype == 2)):
-    # None / Up only: a running sum down the rows, restarted after every None row.
+  if np.all(ftype <= 2):
+    # None / Sub / Up only: each row is a vectorised function of the row above.
     out = np.empty_like(filt)
     prev = np.zeros((width, bpp), np.int16)
     for r in range(height):
-      prev = filt[r] if ftype[r] == 0 else (filt[r] + prev) & 0xFF
+      if ftype[r] == 0:
+        prev = filt[r]
+      elif ftype[r] == 1:
+        prev = np.cumsum(filt[r], axis=0, dtype=np.int64).astype(np.int16) & 0xFF
+      else:
+        prev = (filt[r] + prev) & 0xFF
       out[r] = prev
     return out.astype(np.uint8)
-  # General case: padded output with a zero row above and a zero column to the left.
-  out = np.zeros((height + 1, width + 1, bpp), np.int16)
-  rows_all = np.arange(height)
-  ftype_i = ftype.astype(np.int8)
+  # General case: a padded output (zero row above, zero column to the left) stored flat as
+  # ((H + 1) * (W + 1), bpp). Pixel (r, c) sits at (r + 1) * (W + 1) + c + 1, so the pixels of one
+  # anti-diagonal are equally spaced W apart: every step works on strided slices, no gathers.
+  stride = width + 1
+  out = np.zeros(((height + 1) * stride, bpp), np.int16)
+  src = np.zeros_like(out)
+  src.reshape(height + 1, stride, bpp)[1:, 1:] = filt
+  masks = [(ftype == t)[:, None].astype(np.int16) for t in range(5)]
+  has_avg, has_paeth = bool(masks[3].any()), bool(masks[4].any())
   for k in range(height + width - 1):
-    r = rows_all[max(0, k - width + 1):min(height, k + 1)]
-    c = k - r
-    a = out[r + 1, c]  # left
-    b = out[r, c + 1]  # up
-    cc = out[r, c]  # up-left
-    ft = ftype_i[r][:, None]
-    pa = np.abs(b - cc)
-    pb = np.abs(a - cc)
-    pc = np.abs(a + b - 2 * cc)
-    paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, cc))
-    pred = np.select([ft == 1, ft == 2, ft == 3, ft == 4], [a, b, (a + b) >> 1, paeth], 0)
-    out[r + 1, c + 1] = (filt[r, c] + pred) & 0xFF
-  return out[1:, 1:].astype(np.uint8)
+    r0, r1 = max(0, k - width + 1), min(height, k + 1)
+    first = (r0 + 1) * stride + (k - r0) + 1
+    sl = slice(first, first + (r1 - r0 - 1) * width + 1, width)
+    a = out[first - 1:sl.stop - 1:width]
+    b = out[first - stride:sl.stop - stride:width]
+    pred = a * masks[1][r0:r1] + b * masks[2][r0:r1]
+    if has_avg:
+      pred += ((a + b) >> 1) * masks[3][r0:r1]
+    if has_paeth:
+      c = out[first - stride - 1:sl.stop - stride - 1:width]
+      pa = np.abs(b - c)
+      pb = np.abs(a - c)
+      pc = np.abs(a + b - 2 * c)
+      paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+      pred += paeth * masks[4][r0:r1]
+    out[sl] = (src[sl] + pred) & 0xFF
+  return out.reshape(height + 1, stride, bpp)[1:, 1:].astype(np.uint8)
 
 
 def read_png(path: PathLike) -> np.ndarray:
