@@ -19,6 +19,7 @@ Definitions (pred, gt: (..., H, W, 2) flow in pixels):
 * occluded / non-occluded (Sintel "unmatched" / "matched"): mean EPE over valid pixels with
   occlusion > 0.5 / <= 0.5.
 
+The array functions are jitted (one compilation per input shape), so eager calls are cheap too.
 Masks are float (..., H, W); a pixel counts when valid > 0.5. Pixels whose ground truth is unknown
 (non-finite or |component| > 1e9, the Middlebury convention) are excluded as well. Rates are fractions
 in [0, 1] (multiply by 100 for the percentages benchmarks print). A band or split without pixels
@@ -55,17 +56,20 @@ def _check_shapes(pred, gt, valid=None, occlusion=None, where: str = "metrics"):
   return pred, gt
 
 
+@jax.jit
 def endpoint_error(pred, gt) -> jax.Array:
   """Per-pixel end-point error ||pred - gt||_2: float32 (..., H, W) from two (..., H, W, 2) flows (pixels)."""
   pred, gt = _check_shapes(pred, gt, where="endpoint_error")
   return jnp.sqrt(jnp.sum(jnp.square(pred - gt), axis=-1))
 
 
+@jax.jit
 def outlier_map(pred, gt, threshold: float) -> jax.Array:
   """float32 (..., H, W): 1 where the EPE exceeds ``threshold`` pixels."""
   return (endpoint_error(pred, gt) > threshold).astype(jnp.float32)
 
 
+@jax.jit
 def fl_outlier_map(pred, gt, abs_thresh: float = FL_ABS_THRESH, rel_thresh: float = FL_REL_THRESH) -> jax.Array:
   """KITTI Fl outliers, float32 (..., H, W): 1 where EPE > abs_thresh px and EPE > rel_thresh * ||gt||."""
   pred, gt = _check_shapes(pred, gt, where="fl_outlier_map")
@@ -82,6 +86,7 @@ def _valid_mask(gt: jax.Array, valid) -> jax.Array:
   return known & (jnp.asarray(valid) > 0.5)
 
 
+@jax.jit
 def per_image_epe(pred, gt, valid=None) -> jax.Array:
   """Mean EPE of each image over its valid pixels: float32 (B,) from (B, H, W, 2) flows and (B, H, W) mask.
 
@@ -97,6 +102,7 @@ def per_image_epe(pred, gt, valid=None) -> jax.Array:
   return jnp.where(count > 0, total / jnp.maximum(count, 1).astype(jnp.float32), jnp.nan)
 
 
+@jax.jit
 def flow_metric_sums(pred, gt, valid=None, occlusion=None) -> dict[str, jax.Array]:
   """Sums and counts of every metric over one batch (jit-friendly).
 
@@ -118,28 +124,27 @@ def flow_metric_sums(pred, gt, valid=None, occlusion=None) -> dict[str, jax.Arra
   safe_gt = jnp.where(mask[..., None], gt, 0.0)
   epe = jnp.sqrt(jnp.sum(jnp.square(pred - safe_gt), axis=-1))
   speed = jnp.sqrt(jnp.sum(jnp.square(safe_gt), axis=-1))
-
-  def masked_sum(x, m):
-    return jnp.sum(jnp.where(m, x, 0.0), dtype=jnp.float32)
-
-  def count(m):
-    return jnp.sum(m, dtype=jnp.int32)
-
-  out = {"count": count(mask), "epe_sum": masked_sum(epe, mask)}
+  # Build every masked quantity first, then reduce them in two stacked sums (float EPE sums, int32
+  # counts): one reduction each keeps the compiled program small.
+  epe_masks = {"epe_sum": mask}
+  count_masks = {"count": mask}
   for n in OUTLIER_THRESHOLDS:
-    out[f"outlier_{n}px_sum"] = count(mask & (epe > n))
-  fl = (epe > FL_ABS_THRESH) & (epe > FL_REL_THRESH * speed)
-  out["fl_all_sum"] = count(mask & fl)
+    count_masks[f"outlier_{n}px_sum"] = mask & (epe > n)
+  count_masks["fl_all_sum"] = mask & (epe > FL_ABS_THRESH) & (epe > FL_REL_THRESH * speed)
   for name, lo, hi in SPEED_BANDS:
     band = mask & (speed >= lo) & (speed < hi)
-    out[f"{name}_epe_sum"] = masked_sum(epe, band)
-    out[f"{name}_count"] = count(band)
+    epe_masks[f"{name}_epe_sum"] = band
+    count_masks[f"{name}_count"] = band
   if occlusion is not None:
     occ = jnp.asarray(occlusion) > 0.5
-    out["occ_epe_sum"] = masked_sum(epe, mask & occ)
-    out["occ_count"] = count(mask & occ)
-    out["noc_epe_sum"] = masked_sum(epe, mask & ~occ)
-    out["noc_count"] = count(mask & ~occ)
+    for prefix, m in (("occ", mask & occ), ("noc", mask & ~occ)):
+      epe_masks[f"{prefix}_epe_sum"] = m
+      count_masks[f"{prefix}_count"] = m
+  epe_sums = jnp.sum(jnp.where(jnp.stack(list(epe_masks.values())), epe[None], 0.0),
+                     axis=tuple(range(1, epe.ndim + 1)), dtype=jnp.float32)
+  counts = jnp.sum(jnp.stack(list(count_masks.values())), axis=tuple(range(1, epe.ndim + 1)), dtype=jnp.int32)
+  out = {k: epe_sums[i] for i, k in enumerate(epe_masks)}
+  out.update({k: counts[i] for i, k in enumerate(count_masks)})
   return out
 
 
