@@ -1,0 +1,292 @@
+"""FlowNet-style data augmentation as TF ops, a pure function of (seed, example index).
+
+Geometric (Dosovitskiy et al., FlowNet, ICCV 2015, sec. 4.? "Data augmentation"): one transform shared by both
+frames (translation, rotation, zoom and an optional x/y squeeze) plus a small relative transform applied to the
+second frame only, then a crop of `crop_size`. Both are expressed as output->source affine maps of pixel
+coordinates (pixel centres at integer coordinates, x right, y down):
+
+  A1(x) = M1 x + t1   (frame 1, and every per-pixel field of frame 1: flow, valid, occlusion)
+  A2(x) = M2 x + t2   (frame 2) = A1(Rel(x)), Rel a small transform about the crop centre.
+
+The new flow is exact: new_flow(x) = A2^-1(A1 x + f(A1 x)) - x, with f sampled bilinearly; it is evaluated as
+M2^-1 f(A1 x) + (M2^-1 M1 - I) x + M2^-1 (t1 - t2), so identity parameters return the flow bit for bit.
+Pixels whose flow leaves the crop keep their (correct) flow. `valid` is sampled bilinearly and kept only where
+all bilinear corners with non-zero weight are valid and inside the source (fill value 0), so pixels without
+source data become invalid. `occlusion`, when present, is sampled the same way (> 0.5) and set to 1 where the
+pixel's target x + new_flow(x) falls outside the output crop (out of view in the new frame 2).
+
+All per-pixel fields of frame 1 are resampled in one fused ImageProjectiveTransformV3 call (channels stacked),
+frame 2 in a second one.
+
+Ranges (defaults from the FlowNet paper, sec. 4.? "Data augmentation" of the journal text):
+  - translation: uniform in [-20 %, 20 %] of the image *width*, for x and for y (the paper's wording);
+  - rotation: uniform in [-17, 17] degrees;
+  - scaling (zoom): uniform in [0.9, 2.0]; > 1 magnifies (the crop covers a smaller source region);
+  - squeeze (x zoom * q, y zoom / q): not in the paper; off by default (range [1, 1]);
+  - relative transform of frame 2: not given in the paper; small defaults chosen here (translation +-3 % of
+    the width, rotation +-1.7 degrees, zoom [0.97, 1.03]);
+  - photometric, on each frame (same draw for both frames unless `asymmetric`): additive brightness
+    N(0, 0.2); contrast c in [-0.8, 0.4] applied as mean + (1 + c) (I - mean) around the image's mean grey
+    level; multiplicative colour per RGB channel in [0.5, 2]; gamma in [0.7, 1.5] (I^gamma); additive Gaussian
+    noise with sigma uniform in [0, 0.04] (the noise itself is drawn independently per frame).
+    Order: colour, brightness, contrast, clip to [0, 1], gamma, noise, clip to [0, 1].
+  - asymmetric=True perturbs frame 2's photometric parameters by `relative_photometric` (brightness + N(0, r),
+    contrast + U(-r, r), colour and gamma * U(1 - r, 1 + r)).
+
+Zoom and the crop: the paper samples parameters so that the crop has source data. Here (fit_crop=True) the
+zoom is raised, if needed, to the smallest value at which the rotated crop fits inside the source frame, then
+the crop centre is clamped so that frame 1's crop lies inside the source; frame 2's centre is clamped the same
+way (which may shorten the relative translation). So frame 1 and its flow always have source data; only
+rotated/zoomed-out frame 2 corners can sample outside (filled with 0) in the rare case its footprint is
+larger than the source. With fit_crop=False, parameters are used as drawn and out-of-source pixels are invalid.
+
+Randomness: every draw uses tf.random.stateless_* ops keyed by
+stateless_fold_in([seed, index], AUGMENT_TAG), so the result is a pure function of (seed, index).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+import tensorflow as tf
+
+AUGMENT_TAG = 0x41554731  # separates augmentation keys from other consumers of (seed, index)
+_VALID_EPS = 1e-4
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Augmentation ranges (see the module docstring for units and sources)."""
+  c = ml_collections.ConfigDict()
+  c.geometric = True
+  c.translate = 0.2          # fraction of the image width, x and y: uniform in [-translate, translate]
+  c.rotate = 17.0            # degrees: uniform in [-rotate, rotate]
+  c.zoom = (0.9, 2.0)        # uniform; > 1 magnifies
+  c.squeeze = (1.0, 1.0)     # x/y aspect factor q, log-uniform in the range: zoom_x = zoom * q, zoom_y = zoom / q
+  c.relative_translate = 0.03   # frame 2 only, fraction of the width
+  c.relative_rotate = 1.7       # degrees
+  c.relative_zoom = (0.97, 1.03)
+  c.fit_crop = True
+  c.photometric = True
+  c.brightness_sigma = 0.2
+  c.contrast = (-0.8, 0.4)
+  c.color = (0.5, 2.0)
+  c.gamma = (0.7, 1.5)
+  c.noise_sigma = (0.0, 0.04)
+  c.asymmetric = False
+  c.relative_photometric = 0.02
+  return c
+
+
+def example_key(seed: Any, index: Any, tag: int = AUGMENT_TAG) -> tf.Tensor:
+  """A stateless RNG key (int64 [2]) for example `index` under `seed`, separated from other users by `tag`."""
+  base = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+  return tf.random.experimental.stateless_fold_in(base, tag)
+
+
+def _uniform(key: tf.Tensor, lo: float, hi: float, shape=()) -> tf.Tensor:
+  return tf.random.stateless_uniform(shape, key, minval=lo, maxval=hi, dtype=tf.float64) if lo != hi else \
+      tf.fill(shape, tf.constant(lo, tf.float64))
+
+
+def sample_params(seed: Any, index: Any, config: ml_collections.ConfigDict) -> dict[str, tf.Tensor]:
+  """Draws the raw augmentation parameters of one example (float64 scalars, colour (3,)); pure in (seed, index)."""
+  keys = tf.random.experimental.stateless_split(example_key(seed, index), 20)
+  c = config
+  p = {}
+  p["tx"] = _uniform(keys[0], -c.translate, c.translate)
+  p["ty"] = _uniform(keys[1], -c.translate, c.translate)
+  p["rot"] = _uniform(keys[2], -c.rotate, c.rotate) * (math.pi / 180)
+  p["zoom"] = _uniform(keys[3], *c.zoom)
+  p["squeeze"] = tf.exp(_uniform(keys[4], math.log(c.squeeze[0]), math.log(c.squeeze[1])))
+  p["rtx"] = _uniform(keys[5], -c.relative_translate, c.relative_translate)
+  p["rty"] = _uniform(keys[6], -c.relative_translate, c.relative_translate)
+  p["rrot"] = _uniform(keys[7], -c.relative_rotate, c.relative_rotate) * (math.pi / 180)
+  p["rzoom"] = _uniform(keys[8], *c.relative_zoom)
+  b = tf.random.stateless_normal((), keys[9], dtype=tf.float64) * c.brightness_sigma
+  con = _uniform(keys[10], *c.contrast)
+  col = _uniform(keys[11], *c.color, shape=(3,))
+  gam = _uniform(keys[12], *c.gamma)
+  p["noise_sigma"] = _uniform(keys[13], *c.noise_sigma)
+  p["brightness1"], p["contrast1"], p["color1"], p["gamma1"] = b, con, col, gam
+  if c.asymmetric:
+    r = c.relative_photometric
+    p["brightness2"] = b + tf.random.stateless_normal((), keys[14], dtype=tf.float64) * r
+    p["contrast2"] = con + _uniform(keys[15], -r, r)
+    p["color2"] = col * _uniform(keys[16], 1 - r, 1 + r, shape=(3,))
+    p["gamma2"] = gam * _uniform(keys[17], 1 - r, 1 + r)
+  else:
+    p["brightness2"], p["contrast2"], p["color2"], p["gamma2"] = b, con, col, gam
+  p["noise_key1"], p["noise_key2"] = keys[18], keys[19]
+  return p
+
+
+def _rot_scale(angle: tf.Tensor, zx: tf.Tensor, zy: tf.Tensor) -> tf.Tensor:
+  """2x2 output->source matrix R(angle) diag(1/zx, 1/zy) (float64)."""
+  c, s = tf.cos(angle), tf.sin(angle)
+  return tf.stack([tf.stack([c / zx, -s / zy]), tf.stack([s / zx, c / zy])])
+
+
+def _half_extent(m: tf.Tensor, half_out: tf.Tensor) -> tf.Tensor:
+  """Half extents (x, y) of the source footprint of a crop with half size half_out = ((wc-1)/2, (hc-1)/2)."""
+  return tf.abs(m) @ half_out[:, None]
+
+
+def affine_maps(params: dict[str, tf.Tensor], source_size: tuple[Any, Any], crop_size: tuple[int, int],
+                config: ml_collections.ConfigDict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Output->source maps (M1, t1, M2, t2) (float64, 2x2 and 2) for a source (H, W) and crop (hc, wc)."""
+  h, w = tf.cast(source_size[0], tf.float64), tf.cast(source_size[1], tf.float64)
+  hc, wc = float(crop_size[0]), float(crop_size[1])
+  half_out = tf.constant([(wc - 1) / 2, (hc - 1) / 2], tf.float64)
+  half_src = tf.stack([(w - 1) / 2, (h - 1) / 2])
+  if not config.geometric:
+    eye = tf.eye(2, dtype=tf.float64)
+    t = half_src - half_out
+    return eye, t, eye, t
+  zx, zy = params["zoom"] * params["squeeze"], params["zoom"] / params["squeeze"]
+  m1 = _rot_scale(params["rot"], zx, zy)
+  centre = half_src + tf.stack([params["tx"], params["ty"]]) * w
+  if config.fit_crop:
+    ext = _half_extent(m1, half_out)[:, 0]
+    k = tf.maximum(tf.reduce_max(ext / tf.maximum(half_src, 1e-9)), 1.0)  # extra zoom so the crop fits
+    m1 = m1 / k
+    ext = ext / k
+    centre = tf.clip_by_value(centre, tf.minimum(ext, half_src), tf.maximum(half_src * 2 - ext, half_src))
+  t1 = centre - tf.linalg.matvec(m1, half_out)
+  # Relative transform about the crop centre, in output pixels: Rel(x) = ctr + Mr (x - ctr) + tr.
+  mr = _rot_scale(params["rrot"], params["rzoom"], params["rzoom"])
+  tr = tf.stack([params["rtx"], params["rty"]]) * wc
+  m2 = m1 @ mr
+  centre2 = centre + tf.linalg.matvec(m1, tr)
+  if config.fit_crop:
+    ext2 = _half_extent(m2, half_out)[:, 0]
+    centre2 = tf.clip_by_value(centre2, tf.minimum(ext2, half_src), tf.maximum(half_src * 2 - ext2, half_src))
+  t2 = centre2 - tf.linalg.matvec(m2, half_out)
+  return m1, t1, m2, t2
+
+
+def _transform_vector(m: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.stack([m[0, 0], m[0, 1], t[0], m[1, 0], m[1, 1], t[1], 0.0, 0.0]), tf.float32)
+
+
+def resample(image: tf.Tensor, m: tf.Tensor, t: tf.Tensor, crop_size: tuple[int, int],
+             interpolation: str = "BILINEAR") -> tf.Tensor:
+  """out(x) = image(M x + t), bilinear at integer pixel centres, 0 outside. image (H, W, C) -> (hc, wc, C)."""
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=_transform_vector(m, t)[None],
+      output_shape=tf.constant(crop_size, tf.int32), fill_value=0.0, interpolation=interpolation,
+      fill_mode="CONSTANT")
+  return out[0]
+
+
+def photometric(image: tf.Tensor, brightness: Any, contrast: Any, color: Any, gamma: Any,
+                noise_sigma: Any, noise_key: Any | None) -> tf.Tensor:
+  """FlowNet photometric changes on one float32 (H, W, 3) image in [0, 1] (order in the module docstring).
+
+  The mean grey level for contrast is the mean of the channel-mean over the image after colour and brightness.
+  Noise is N(0, noise_sigma) per pixel and channel from `noise_key` (None: no noise).
+  """
+  image = image * tf.cast(color, tf.float32) + tf.cast(brightness, tf.float32)
+  mean = tf.reduce_mean(image)
+  image = mean + (1.0 + tf.cast(contrast, tf.float32)) * (image - mean)
+  image = tf.pow(tf.clip_by_value(image, 0.0, 1.0), tf.cast(gamma, tf.float32))
+  if noise_key is not None:
+    image = image + tf.random.stateless_normal(tf.shape(image), noise_key) * tf.cast(noise_sigma, tf.float32)
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def augment_example(element: dict[str, tf.Tensor], seed: Any, index: Any, config: ml_collections.ConfigDict,
+                    crop_size: tuple[int, int]) -> dict[str, tf.Tensor]:
+  """Augments one unbatched element (image1/image2 (H, W, 3), flow (H, W, 2), valid (H, W), [occlusion])."""
+  for k in ("image1", "image2", "flow", "valid"):
+    if k not in element:
+      raise KeyError(f"augment: element has no {k!r}; keys are {sorted(element)}")
+  unknown = sorted(set(element) - {"image1", "image2", "flow", "valid", "occlusion"})
+  if unknown:
+    raise KeyError(f"augment: unknown keys {unknown}; expected image1, image2, flow, valid and optionally "
+                   "occlusion")
+  im1, im2, flow, valid = element["image1"], element["image2"], element["flow"], element["valid"]
+  if im1.shape.rank != 3 or flow.shape.rank != 3 or valid.shape.rank != 2:
+    raise ValueError(f"augment: expected image1 (H, W, 3), flow (H, W, 2), valid (H, W); got "
+                     f"{im1.shape}, {flow.shape}, {valid.shape}")
+  hc, wc = int(crop_size[0]), int(crop_size[1])
+  params = sample_params(seed, index, config)
+  shape = tf.shape(im1)
+  m1, t1, m2, t2 = affine_maps(params, (shape[0], shape[1]), (hc, wc), config)
+  out = apply_geometric(element, m1, t1, m2, t2, (hc, wc))
+  new_im1, new_im2 = out["image1"], out["image2"]
+  if config.photometric:
+    new_im1 = photometric(new_im1, params["brightness1"], params["contrast1"], params["color1"],
+                          params["gamma1"], params["noise_sigma"], params["noise_key1"])
+    new_im2 = photometric(new_im2, params["brightness2"], params["contrast2"], params["color2"],
+                          params["gamma2"], params["noise_sigma"], params["noise_key2"])
+  out["image1"], out["image2"] = new_im1, new_im2
+  return out
+
+
+def apply_geometric(element: dict[str, tf.Tensor], m1: tf.Tensor, t1: tf.Tensor, m2: tf.Tensor, t2: tf.Tensor,
+                    crop_size: tuple[int, int]) -> dict[str, tf.Tensor]:
+  """Resamples an element with output->source maps A1 = (m1, t1) (frame 1 fields) and A2 = (m2, t2) (frame 2).
+
+  m1, m2: float64 (2, 2); t1, t2: float64 (2,), in pixels (x, y). Returns the element at crop_size (hc, wc)
+  with the exact new flow, valid and occlusion (see the module docstring).
+  """
+  hc, wc = int(crop_size[0]), int(crop_size[1])
+  im1, im2, flow, valid = element["image1"], element["image2"], element["flow"], element["valid"]
+  valid = tf.cast(valid > 0, tf.float32)
+  flow = tf.where(valid[..., None] > 0, flow, 0.0)  # no garbage (NaN, 1e10) from invalid pixels
+  fields = [im1, flow, valid[..., None]]
+  has_occ = "occlusion" in element
+  if has_occ:
+    fields.append(tf.cast(element["occlusion"], tf.float32)[..., None])
+  stacked = resample(tf.concat(fields, axis=-1), m1, t1, (hc, wc))
+  f, v = stacked[..., 3:5], stacked[..., 5]
+  # new_flow = M2^-1 f + (M2^-1 M1 - I) x + M2^-1 (t1 - t2)  (float64 matrices, float32 per pixel)
+  m2_inv = tf.linalg.inv(m2)
+  d = tf.cast(m2_inv @ m1 - tf.eye(2, dtype=tf.float64), tf.float32)
+  e = tf.cast(tf.linalg.matvec(m2_inv, t1 - t2), tf.float32)
+  m2_inv = tf.cast(m2_inv, tf.float32)
+  ys, xs = tf.meshgrid(tf.range(hc, dtype=tf.float32), tf.range(wc, dtype=tf.float32), indexing="ij")
+  u = m2_inv[0, 0] * f[..., 0] + m2_inv[0, 1] * f[..., 1] + (d[0, 0] * xs + d[0, 1] * ys + e[0])
+  w = m2_inv[1, 0] * f[..., 0] + m2_inv[1, 1] * f[..., 1] + (d[1, 0] * xs + d[1, 1] * ys + e[1])
+  new_valid = tf.cast(v >= 1.0 - _VALID_EPS, tf.float32)
+  out = {"image1": stacked[..., :3], "image2": resample(im2, m2, t2, (hc, wc)),
+         "flow": tf.stack([u, w], axis=-1) * new_valid[..., None], "valid": new_valid}
+  if has_occ:
+    tx, ty = xs + u, ys + w
+    out_of_view = (tx < 0) | (tx > wc - 1) | (ty < 0) | (ty > hc - 1)
+    out["occlusion"] = tf.cast((stacked[..., 6] > 0.5) | out_of_view, tf.float32)
+  return out
+
+
+def augment(element_or_batch: dict[str, tf.Tensor], seed: Any, index: Any, config: ml_collections.ConfigDict,
+            crop_size: tuple[int, int]) -> dict[str, tf.Tensor]:
+  """Augments an element (H, W, ...) or a batch (N, H, W, ...) -> same keys at crop_size (hc, wc).
+
+  For a batch, `index` is either the example index of the first row (row b uses index + b) or an int vector
+  of N example indices. Every draw is keyed by (seed, example index).
+  """
+  rank = element_or_batch["image1"].shape.rank
+  if rank == 3:
+    return augment_example(element_or_batch, seed, index, config, crop_size)
+  if rank != 4:
+    raise ValueError(f"augment: image1 must be (H, W, 3) or (N, H, W, 3), got {element_or_batch['image1'].shape}")
+  n = tf.shape(element_or_batch["image1"])[0]
+  index = tf.cast(index, tf.int64)
+  indices = index if index.shape.rank == 1 else index + tf.range(tf.cast(n, tf.int64), dtype=tf.int64)
+  keys = sorted(element_or_batch)
+
+  def one(args):
+    el = dict(zip(keys, args[:-1]))
+    out = augment_example(el, seed, args[-1], config, crop_size)
+    return tuple(out[k] for k in keys)
+
+  sig = tuple(tf.TensorSpec(None, element_or_batch[k].dtype) for k in keys)
+  outs = tf.map_fn(one, tuple(element_or_batch[k] for k in keys) + (indices,), fn_output_signature=sig)
+  hc, wc = crop_size
+  result = dict(zip(keys, outs))
+  for k in ("image1", "image2", "flow", "valid", "occlusion"):
+    if k in result:
+      result[k] = tf.ensure_shape(result[k], [None, hc, wc] + ([3] if k.startswith("image") else [2] if k == "flow" else []))
+  return result
