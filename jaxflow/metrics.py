@@ -181,12 +181,15 @@ def finalize(sums: Mapping) -> dict:
   Returns:
     ``epe`` (px), ``outlier_1px``, ``outlier_3px``, ``outlier_5px``, ``fl_all`` (fractions), ``s0_10``,
     ``s10_40``, ``s40plus`` (mean EPE per speed band, px), and with occlusion sums ``epe_occ``,
-    ``epe_noc``; plus ``num_pixels``. NaN where the count is zero. Python floats for host (numpy)
-    inputs, float32 jax scalars for jax inputs (usable under jit).
+    ``epe_noc``; plus ``num_pixels``. NaN where the count is zero. Python floats (and an int
+    ``num_pixels``) for concrete inputs, numpy or jax; float32 jax scalars when traced under jit.
   """
   if "count" not in sums or "epe_sum" not in sums:
     raise ValueError(f"finalize: expected the dict of flow_metric_sums, got keys {sorted(sums)}")
-  on_device = any(isinstance(v, jax.Array) for v in sums.values())
+  # Under jit (tracers) stay in jnp; concrete values (numpy or jax arrays) give Python numbers.
+  on_device = any(isinstance(v, jax.core.Tracer) for v in sums.values())
+  if not on_device:
+    sums = {k: np.asarray(jax.device_get(v)) for k, v in sums.items()}
   out = {}
   for name, num, den in _MEANS:
     if num not in sums:

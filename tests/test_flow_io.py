@@ -430,3 +430,13 @@ def test_read_flow_dispatch(tmp_path, shared_data):
   assert flow.shape == (375, 1242, 2) and 0 < valid.mean() < 1
   with pytest.raises(FlowFileError, match="extension"):
     flow_io.read_flow(pathlib.Path(tmp_path) / "x.bin")
+
+
+def test_io_and_viz_import_neither_tensorflow_nor_jax():
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  code = ("import sys, jaxflow.flow_io, jaxflow.viz; "
+          "print(sorted(m for m in ('jax', 'tensorflow', 'matplotlib') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -84,7 +84,7 @@ def test_exact_constructed_cases():
   valid[..., 7] = 0  # the huge error is masked out
   got = metrics.flow_metrics(pred, gt, valid)
   kept = err[:7]
-  assert got["num_pixels"] == 7
+  assert got["num_pixels"] == 7 and isinstance(got["num_pixels"], int) and isinstance(got["epe"], float)
   assert got["epe"] == pytest.approx(kept.mean(), rel=1e-6)
   assert got["outlier_1px"] == pytest.approx(5 / 7)  # 1.0 is not > 1
   assert got["outlier_3px"] == pytest.approx(4 / 7)  # 4, 4, 6, 3.5
