@@ -481,9 +481,11 @@ def read_image(path: PathLike) -> np.ndarray:
   try:
     with Image.open(path) as img:
       img.load()
-      if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        gray = np.asarray(img, dtype=np.float32) / np.float32(65535 if img.mode.startswith("I;16") else 255)
+      if img.mode in ("I;16", "I;16B", "I;16L"):
+        gray = np.asarray(img, dtype=np.float32) / np.float32(65535)
         return np.repeat(gray[..., None], 3, axis=-1)
+      if img.mode in ("I", "F"):
+        raise FlowFileError(f"{path}: image mode {img.mode!r} (32-bit integer / float) has no known [0, 1] range")
       rgb = img.convert("RGB")
       return np.asarray(rgb, dtype=np.float32) / np.float32(255)
   except (UnidentifiedImageError, OSError) as e:

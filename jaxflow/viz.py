@@ -200,8 +200,10 @@ def flow_to_arrows(flow, image=None, step: int = 16, scale: Optional[float] = No
                        f"or ({height}, {width}) to match the flow")
     if np.issubdtype(canvas.dtype, np.floating):
       canvas = np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
+    elif canvas.dtype == np.uint8:
+      canvas = canvas.copy()
     else:
-      canvas = canvas.astype(np.uint8).copy()
+      raise ValueError(f"flow_to_arrows: image must be float in [0, 1] or uint8, got dtype {canvas.dtype}")
   ys = np.arange(step // 2, height, step)
   xs = np.arange(step // 2, width, step)
   gx, gy = np.meshgrid(xs, ys)

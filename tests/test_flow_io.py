@@ -440,3 +440,13 @@ def test_io_and_viz_import_neither_tensorflow_nor_jax():
           "print(sorted(m for m in ('jax', 'tensorflow', 'matplotlib') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_read_image_16bit_gray_via_pillow_and_rejects_unknown_range(tmp_path):
+  gray16 = np.array([[0, 65535], [32768, 1000]], np.uint16)
+  Image.fromarray(gray16).save(tmp_path / "g16.tif")  # pillow path (not PNG): mode I;16
+  got = flow_io.read_image(tmp_path / "g16.tif")
+  np.testing.assert_allclose(got[..., 0], gray16 / 65535.0, rtol=1e-6)
+  Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "f.tif")
+  with pytest.raises(FlowFileError, match="f.tif"):
+    flow_io.read_image(tmp_path / "f.tif")
