@@ -190,6 +190,9 @@ def finalize(sums: Mapping) -> dict:
   on_device = any(isinstance(v, jax.core.Tracer) for v in sums.values())
   if not on_device:
     sums = {k: np.asarray(jax.device_get(v)) for k, v in sums.items()}
+    shaped = {k: v.shape for k, v in sums.items() if v.shape != ()}
+    if shaped:
+      raise ValueError(f"finalize: expected scalar sums (add them over batches / devices first), got shapes {shaped}")
   out = {}
   for name, num, den in _MEANS:
     if num not in sums:

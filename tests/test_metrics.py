@@ -190,6 +190,8 @@ def test_shape_errors_name_the_shapes():
     metrics.per_image_epe(pred[0], pred[0])
   with pytest.raises(ValueError, match="finalize"):
     metrics.finalize({"epe": 1.0})
+  with pytest.raises(ValueError, match="scalar sums"):
+    metrics.finalize({"count": np.array([3, 4]), "epe_sum": np.array([1.0, 2.0])})
 
 
 def test_real_sintel_flows_with_occlusion_mask(shared_data):
