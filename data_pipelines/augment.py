@@ -260,6 +260,7 @@ def apply_geometric(element: dict[str, tf.Tensor], m1: tf.Tensor, t1: tf.Tensor,
   return out
 
 
+@tf.autograph.experimental.do_not_convert  # static Python control flow only: plain tracing is faster
 def augment(element_or_batch: dict[str, tf.Tensor], seed: Any, index: Any, config: ml_collections.ConfigDict,
             crop_size: tuple[int, int]) -> dict[str, tf.Tensor]:
   """Augments an element (H, W, ...) or a batch (N, H, W, ...) -> same keys at crop_size (hc, wc).
