@@ -44,7 +44,7 @@ def decode_flo(data: tf.Tensor, name: tf.Tensor | str = "") -> tf.Tensor:
   msg = "not a valid .flo file (expected tag PIEH, int32 width, int32 height, H*W*2 float32):"
   with tf.control_dependencies([check(size >= 12, msg, name, size)]):
     tag = tf.io.decode_raw(tf.strings.substr(data, 0, 4), tf.float32, little_endian=True)[0]
-  wh = tf.io.decode_raw(tf.strings.substr(data, 4, 8), tf.int32, little_endian=True)
+    wh = tf.io.decode_raw(tf.strings.substr(data, 4, 8), tf.int32, little_endian=True)
   w, h = wh[0], wh[1]
   checks = [
       check(tf.equal(tag, FLO_TAG), msg + " wrong tag", name, tag),
