@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,7 +22,13 @@ TINY = {"name": "spynet", "levels": 3, "channels": [8, 8], "kernel_size": 3, "dt
 def _init(model_config, size=(64, 64), seed=0):
   model = predictor.build_model(model_config)
   x = np.zeros((1,) + size + (3,), np.float32)
-  return model, model.init({"params": jax.random.key(seed)}, x, x, train=False)
+  return model, jax.jit(lambda k: model.init({"params": k}, x, x, train=False))(jax.random.key(seed))
+
+
+def _reference(model, variables, a, b):
+  """The model applied directly (jit) to uint8 frames / 255, with a batch axis."""
+  f = jax.jit(lambda v, x, y: model.apply(v, x, y, train=False)["flow"])
+  return np.asarray(f(variables, a[None].astype(np.float32) / 255, b[None].astype(np.float32) / 255))[0]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +40,11 @@ def tiny(tmp_path_factory):
   return workdir, model, variables
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny):
+  return jaxflow.load(tiny[0])
+
+
 def _frames(shape, seed=0):
   rng = np.random.default_rng(seed)
   a = rng.integers(0, 256, size=shape, dtype=np.uint8)
@@ -39,25 +52,25 @@ def _frames(shape, seed=0):
   return a, b
 
 
-def test_load_matches_model_apply_for_every_path_form(tiny):
+def test_load_matches_model_apply_for_every_path_form(tiny, loaded):
   workdir, model, variables = tiny
-  a, b = _frames((70, 90, 3))  # not a multiple of 4: the model resizes internally
-  ref = np.asarray(model.apply(variables, a[None].astype(np.float32) / 255, b[None].astype(np.float32) / 255)["flow"])[0]
-  for path in (workdir, os.path.join(workdir, "checkpoints"), os.path.join(workdir, "checkpoints", "7")):
-    p = jaxflow.load(path)
-    assert p.step == 7 and p.checkpoint.endswith(os.path.join("checkpoints", "7"))
-    flow = p(a, b)
-    assert flow.shape == (70, 90, 2) and flow.dtype == np.float32
-    np.testing.assert_allclose(flow, ref, rtol=1e-5, atol=1e-5)
+  a, b = _frames((70, 90, 3))  # not a multiple of 4: the model resizes internally, returns full size
+  ref = _reference(model, variables, a, b)
+  flow = loaded(a, b)
+  assert flow.shape == (70, 90, 2) and flow.dtype == np.float32
+  np.testing.assert_allclose(flow, ref, rtol=1e-5, atol=1e-5)
   assert np.abs(ref).max() > 0  # a random network predicts some motion: the comparison is not vacuous
+  for path in (workdir, os.path.join(workdir, "checkpoints"), os.path.join(workdir, "checkpoints", "7")):
+    p = predictor.load(path)
+    assert p.step == 7 and p.checkpoint == os.path.join(workdir, "checkpoints", "7")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(p.variables), jax.device_get(variables))
 
 
-def test_input_rule_and_batching(tiny):
-  workdir, _, _ = tiny
-  p = predictor.load(workdir)
-  a, b = _frames((2, 48, 64, 3), seed=3)
+def test_input_rule_and_batching(loaded):
+  p = loaded
+  a, b = _frames((2, 70, 90, 3), seed=3)
   batched = p.predict(a, b)
-  assert batched.shape == (2, 48, 64, 2)
+  assert batched.shape == (2, 70, 90, 2)
   # uint8 is divided by 255; float frames are taken as [0, 1]; uint16 by 65535.
   np.testing.assert_allclose(p(a[1], b[1]), batched[1], atol=1e-5)
   np.testing.assert_allclose(p(a.astype(np.float32) / 255, b.astype(np.float32) / 255), batched, atol=1e-5)
@@ -72,15 +85,17 @@ def test_input_rule_and_batching(tiny):
     p(a[0, ..., :2], b[0, ..., :2])
 
 
-def test_one_compilation_per_shape(tiny):
-  p = predictor.load(tiny[0])
-  a, b = _frames((40, 56, 3))
+def test_one_compilation_per_shape(loaded):
+  p = loaded
+  a, b = _frames((70, 90, 3))
   p(a, b)
+  n = p.num_compilations
   p(a, b)
   p(a.astype(np.float32) / 255, b.astype(np.float32) / 255)  # same shape after conversion
-  assert p.num_compilations == 1
-  p(np.stack([a, a]), np.stack([b, b]))
-  assert p.num_compilations == 2
+  p(a[None], b[None])  # a single frame is a batch of one
+  assert p.num_compilations == n
+  p(a[:40], b[:40])
+  assert p.num_compilations == n + 1
 
 
 def test_checkpoint_of_another_model_names_the_parameter(tiny, tmp_path):
@@ -128,21 +143,36 @@ def test_missing_pieces_are_named(tiny, tmp_path):
     predictor.load(noconf)
 
 
+class _TinyBN(nn.Module):
+  """A conv + batch norm 'flow model' (not registered), to check the Predictor applies batch statistics."""
+
+  @nn.compact
+  def __call__(self, image1, image2, train: bool = False):
+    x = nn.Conv(2, (3, 3))(jnp.concatenate([image1, image2], axis=-1))
+    return {"flow": nn.BatchNorm(use_running_average=not train)(x)}
+
+
 def test_batch_norm_statistics_are_restored_and_used(tmp_path):
   cfg = {"name": "flownet_s", "batch_norm": True, "encoder_features": [4, 4, 4, 4, 4, 4, 4, 4, 4, 4],
          "decoder_features": [4, 4, 4, 4]}
-  model, variables = _init(cfg)
-  # Non-trivial running statistics, so using the initial ones (mean 0, var 1) would give another flow.
-  variables = {"params": variables["params"],
-               "batch_stats": jax.tree.map(lambda x: x + 0.5, variables["batch_stats"])}
+  model = predictor.build_model(cfg)
+  shapes = predictor.abstract_variables(model)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  assert jax.tree.leaves(variables["batch_stats"])
   predictor.save_for_inference(tmp_path, cfg, variables, step=1)
   p = predictor.load(tmp_path)
-  a, b = _frames((64, 64, 3), seed=5)
-  x1, x2 = a[None].astype(np.float32) / 255, b[None].astype(np.float32) / 255
-  ref = np.asarray(model.apply(variables, x1, x2, train=False)["flow"])[0]
-  np.testing.assert_allclose(p(a, b), ref, rtol=1e-5, atol=1e-5)
-  stale = {"params": variables["params"], "batch_stats": jax.tree.map(np.zeros_like, variables["batch_stats"])}
-  assert np.abs(np.asarray(model.apply(stale, x1, x2)["flow"])[0] - ref).max() > 1e-4
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(p.variables), variables)
+  # The predictor applies the running statistics it holds (not fresh ones).
+  bn = _TinyBN()
+  a, b = _frames((16, 16, 3), seed=5)
+  v = jax.tree.map(np.asarray, bn.init(jax.random.key(0), a[None] / 255.0, b[None] / 255.0))
+  v["batch_stats"] = jax.tree.map(lambda x: x + 0.7, v["batch_stats"])
+  flow = predictor.Predictor(bn, v)(a, b)
+  x1, x2 = a[None] / np.float32(255), b[None] / np.float32(255)
+  np.testing.assert_allclose(flow, np.asarray(bn.apply(v, x1, x2)["flow"])[0], rtol=1e-5, atol=1e-5)
+  fresh = dict(v, batch_stats=jax.tree.map(np.zeros_like, v["batch_stats"]))
+  assert np.abs(np.asarray(bn.apply(fresh, x1, x2)["flow"])[0] - flow).max() > 1e-3
 
 
 def test_loads_a_checkpoint_written_by_the_trainer(tmp_path):
@@ -154,8 +184,6 @@ def test_loads_a_checkpoint_written_by_the_trainer(tmp_path):
   p = jaxflow.load(tmp_path)
   assert p.step == 2
   a, b = _frames((32, 32, 3), seed=7)
-  x1, x2 = a[None].astype(np.float32) / 255, b[None].astype(np.float32) / 255
-  state = result["state"]
-  ref = get_model("spynet", **{k: v for k, v in TINY.items() if k != "name"}).apply(
-      {"params": jax.device_get(state.params)}, x1, x2)["flow"]
-  np.testing.assert_allclose(p(a, b), np.asarray(ref)[0], rtol=1e-5, atol=1e-5)
+  model = get_model("spynet", **{k: v for k, v in TINY.items() if k != "name"})
+  ref = _reference(model, {"params": jax.device_get(result["state"].params)}, a, b)
+  np.testing.assert_allclose(p(a, b), ref, rtol=1e-5, atol=1e-5)
