@@ -4,17 +4,18 @@
 (dy, dx) of a square window, the mean over channels of f1(y, x) * f2(y + dy, x + dx); positions outside f2
 contribute zero (zero padding).
 
-Implementation: a `lax.scan` over the 2n+1 displacement rows dy, with the 2n+1 column shifts dx unrolled
-inside the body, so every step is a handful of dense, fused multiply-reduce loops over (B, H, W, C) and no
-intermediate of size displacements x channels x H x W is ever materialised. The backward pass is a
+Implementation: a `lax.scan` over the K*K displacements (K = 2n+1), each step one dense fused
+dynamic-slice * f1 -> sum over C loop over (B, H, W, C), so no intermediate of size
+displacements x channels x H x W is ever materialised. The backward pass is a
 `jax.custom_vjp` with the same structure: both input gradients are accumulated per displacement in a
 (B, H, W, C) float32 carry, and the f2 gradient is written as a correlation of the zero-padded
 (g, f1) pair with the displacement window flipped, so it needs neither a scatter nor any stacked residual
-(autodiff of the scan would save one (B, H, W + 2d, C) slab per displacement row).
+(autodiff of the scan would save one shifted (B, H, W, C) copy of f2 per displacement).
 
-Precision: products and sums are float32 whatever the input dtype (bfloat16 products are exact in
-float32), the output is always float32 (DESIGN.md: cost-volume accumulation stays float32); gradients come
-back in the dtype of each input.
+Precision: products and sums are float32 for bfloat16, float16 and float32 inputs (bfloat16 products are
+exact in float32) and the output is float32 (DESIGN.md: cost-volume accumulation stays float32); float64
+inputs (x64 mode, used by the gradient tests) are accumulated and returned in float64. Gradients come back
+in the dtype of each input.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ import jax.numpy as jnp
 from jax import lax
 
 _F32 = jnp.float32
+
+
+def _acc_dtype(*xs: jax.Array):
+  """float32 for bfloat16/float16/float32 inputs; float64 only when an input is float64 (x64 mode)."""
+  return jnp.result_type(_F32, *[x.dtype for x in xs])
 
 
 def _check_inputs(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int) -> tuple[int, int]:
@@ -52,21 +58,33 @@ def _pad_hw(x: jax.Array, d: int) -> jax.Array:
   return jnp.pad(x, pads)
 
 
+def _shifted(x: jax.Array, dy: jax.Array, dx: jax.Array, h: int, w: int) -> jax.Array:
+  """x[:, dy:dy + h, dx:dx + w] for a (B, H + 2d, W + 2d, ...) padded array and traced offsets."""
+  start = (0, dy, dx) + (0,) * (x.ndim - 3)
+  return lax.dynamic_slice(x, start, (x.shape[0], h, w) + x.shape[3:])
+
+
 def _forward(f1: jax.Array, f2: jax.Array, n: int, s: int) -> jax.Array:
-  """Cost volume (B, H, W, K*K) float32, K = 2n+1, by a scan over displacement rows."""
+  """Cost volume (B, H, W, K*K) float32, K = 2n+1, by a scan over the K*K displacements.
+
+  Each step is one fused dynamic-slice * f1 -> sum over C loop writing a (B, H, W) plane. (Measured on CPU:
+  a scan over dy rows with the dx shifts unrolled as static slices of a row slab made XLA materialise every
+  shifted slab: 3x the temp memory and ~2x slower; see experiments/benchmarks/cost_volume.py.)
+  """
   b, h, w, c = f1.shape
-  k, d = 2 * n + 1, n * s
-  f2p = _pad_hw(f2, d)  # (B, H + 2d, W + 2d, C)
-  f1f = f1.astype(_F32)
+  k = 2 * n + 1
+  f2p = _pad_hw(f2, n * s)  # (B, H + 2d, W + 2d, C)
+  acc = _acc_dtype(f1, f2)
+  f1f = f1.astype(acc)
   inv_c = 1.0 / c
 
-  def row(_, i):
-    slab = lax.dynamic_slice_in_dim(f2p, i * s, h, axis=1).astype(_F32)  # (B, H, W + 2d, C)
-    cols = [jnp.sum(f1f * slab[:, :, j * s:j * s + w, :], axis=-1) for j in range(k)]
-    return None, jnp.stack(cols, axis=-1) * inv_c  # (B, H, W, K): fixed dy, all dx
+  def step(_, t):
+    i, j = t // k, t % k
+    plane = jnp.sum(f1f * _shifted(f2p, i * s, j * s, h, w).astype(acc), axis=-1)
+    return None, plane * inv_c
 
-  _, rows = lax.scan(row, None, jnp.arange(k))  # (K_dy, B, H, W, K_dx)
-  return jnp.moveaxis(rows, 0, 3).reshape(b, h, w, k * k)
+  _, planes = lax.scan(step, None, jnp.arange(k * k))  # (K*K, B, H, W), t = i * K + j
+  return jnp.moveaxis(planes, 0, -1)
 
 
 def _backward(f1: jax.Array, f2: jax.Array, g: jax.Array, n: int, s: int) -> tuple[jax.Array, jax.Array]:
@@ -76,32 +94,31 @@ def _backward(f1: jax.Array, f2: jax.Array, g: jax.Array, n: int, s: int) -> tup
   For f2, substituting i' = K-1-i, j' = K-1-j:
     dL/df2(y, x) = 1/C sum_{i',j'} gf_p(y + i' s, x + j' s, i', j') f1p(y + i' s, x + j' s),
   where gf = g with both displacement axes reversed and gf_p, f1p are zero-padded by d: the same shifted
-  products as dL/df1, read from the padded (gf, f1) pair.
+  products as dL/df1, read from the padded (gf, f1) pair. Both sums run in one scan over the K*K
+  displacements with (B, H, W, C) float32 accumulators; nothing displacement x channel sized is stored.
   """
   b, h, w, c = f1.shape
   k, d = 2 * n + 1, n * s
   inv_c = 1.0 / c
-  g = g.astype(_F32).reshape(b, h, w, k, k)
-  g_rows = jnp.moveaxis(g, 3, 0)  # (K_i, B, H, W, K_j)
-  gf_rows = _pad_hw(jnp.moveaxis(g[:, :, :, ::-1, ::-1], 3, 0).reshape(k * b, h, w, k), d)
-  gf_rows = gf_rows.reshape(k, b, h + 2 * d, w + 2 * d, k)  # (K_i', B, H + 2d, W + 2d, K_j')
+  acc = _acc_dtype(f1, f2, g)
+  g = g.astype(acc)
+  g_planes = jnp.moveaxis(g, -1, 0)  # (K*K, B, H, W), t = i * K + j
+  gf = g.reshape(b, h, w, k, k)[..., ::-1, ::-1].reshape(b, h, w, k * k)
+  gf_planes = jnp.moveaxis(_pad_hw(gf, d), -1, 0)  # (K*K, B, H + 2d, W + 2d)
   f1p = _pad_hw(f1, d)
   f2p = _pad_hw(f2, d)
 
-  def row(carry, xs):
+  def step(carry, xs):
     acc1, acc2 = carry
-    i, g_i, gf_i = xs
-    f2_slab = lax.dynamic_slice_in_dim(f2p, i * s, h, axis=1).astype(_F32)  # (B, H, W + 2d, C)
-    f1_slab = lax.dynamic_slice_in_dim(f1p, i * s, h, axis=1).astype(_F32)
-    gf_slab = lax.dynamic_slice_in_dim(gf_i, i * s, h, axis=1)  # (B, H, W + 2d, K)
-    for j in range(k):
-      sl = slice(j * s, j * s + w)
-      acc1 = acc1 + g_i[..., j:j + 1] * f2_slab[:, :, sl, :]
-      acc2 = acc2 + gf_slab[:, :, sl, j:j + 1] * f1_slab[:, :, sl, :]
+    t, g_t, gf_t = xs
+    i, j = t // k, t % k
+    acc1 = acc1 + g_t[..., None] * _shifted(f2p, i * s, j * s, h, w).astype(acc)
+    gf_shift = lax.dynamic_slice(gf_t, (0, i * s, j * s), (b, h, w))
+    acc2 = acc2 + gf_shift[..., None] * _shifted(f1p, i * s, j * s, h, w).astype(acc)
     return (acc1, acc2), None
 
-  zeros = jnp.zeros((b, h, w, c), _F32)
-  (acc1, acc2), _ = lax.scan(row, (zeros, zeros), (jnp.arange(k), g_rows, gf_rows))
+  zeros = jnp.zeros_like(f1, dtype=acc)  # zeros_like keeps shard_map's varying-axes type of f1
+  (acc1, acc2), _ = lax.scan(step, (zeros, zeros), (jnp.arange(k * k), g_planes, gf_planes))
   return (acc1 * inv_c).astype(f1.dtype), (acc2 * inv_c).astype(f2.dtype)
 
 
@@ -132,7 +149,7 @@ def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int
       are every pixel (stride1 = 1), so the spatial size is unchanged.
 
   Returns:
-    float32 (B, H, W, K*K), K = 2 * (max_displacement // stride) + 1. Channel (i * K + j) holds the
+    float32 (B, H, W, K*K) (float64 for float64 inputs), K = 2 * (max_displacement // stride) + 1. Channel (i * K + j) holds the
     displacement dy = (i - n) * stride, dx = (j - n) * stride (dy-major, dx-minor, as in the FlowNet
     correlation layer). Where (y + dy, x + dx) falls outside the image the value is 0. Accumulation is
     float32 also for bfloat16 inputs; the gradient with respect to each input has that input's dtype.

@@ -1,0 +1,217 @@
+"""Tests of jaxflow.ops.correlation against an independent numpy reference and exact constructed cases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxflow.ops import correlation
+
+
+def numpy_correlation(f1: np.ndarray, f2: np.ndarray, max_displacement: int, stride: int) -> np.ndarray:
+  """Direct loop over pixels' displacements in float64: out[b, y, x, i*K + j] = mean_c f1[y, x] f2[y+dy, x+dx]."""
+  b, h, w, c = f1.shape
+  n = max_displacement // stride
+  k = 2 * n + 1
+  f1 = f1.astype(np.float64)
+  f2 = f2.astype(np.float64)
+  out = np.zeros((b, h, w, k * k))
+  for i, dy in enumerate(range(-n * stride, n * stride + 1, stride)):
+    for j, dx in enumerate(range(-n * stride, n * stride + 1, stride)):
+      y0, y1 = max(0, -dy), min(h, h - dy)  # rows y with 0 <= y + dy < h
+      x0, x1 = max(0, -dx), min(w, w - dx)
+      if y0 >= y1 or x0 >= x1:
+        continue
+      prod = f1[:, y0:y1, x0:x1] * f2[:, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+      out[:, y0:y1, x0:x1, i * k + j] = prod.mean(-1)
+  return out
+
+
+def _features(shape, seed):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape,md,stride", [
+    ((2, 12, 17, 5), 4, 1),     # PWC-Net window, non-square, C not a multiple of 8
+    ((1, 9, 14, 3), 5, 2),      # max displacement not a multiple of the stride: rounds down to 4
+    ((2, 16, 11, 13), 20, 2),   # FlowNetC window larger than the image: many all-zero channels
+    ((1, 8, 8, 8), 0, 1),       # a single displacement: the per-pixel mean of the product
+    ((3, 7, 10, 1), 3, 3),
+])
+def test_matches_numpy_reference(shape, md, stride):
+  f1, f2 = _features(shape, sum(shape) + md)
+  out = correlation(jnp.asarray(f1), jnp.asarray(f2), md, stride)
+  k = 2 * (md // stride) + 1
+  assert out.shape == shape[:3] + (k * k,)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out), numpy_correlation(f1, f2, md, stride), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dy,dx,md,stride", [(2, -3, 4, 1), (-4, 4, 4, 1), (0, 0, 4, 1), (4, -2, 6, 2)])
+def test_constant_shift_peaks_at_the_right_channel(dy, dx, md, stride):
+  # f2(y, x) = f1(y - dy, x - dx), so f1(y, x) matches f2(y + dy, x + dx): the peak is at displacement (dy, dx).
+  # Random +-1 features: the matching displacement gives exactly 1, any other a mean of 32 random signs.
+  rng = np.random.default_rng(0)
+  big = rng.choice(np.array([-1.0, 1.0], np.float32), size=(2, 40, 44, 32))
+  f1 = big[:, 10:30, 10:34]
+  f2 = big[:, 10 - dy:30 - dy, 10 - dx:34 - dx]
+  out = np.asarray(correlation(jnp.asarray(f1), jnp.asarray(f2), md, stride))
+  n = md // stride
+  k = 2 * n + 1
+  expected = (dy // stride + n) * k + (dx // stride + n)
+  # Away from the borders the peak is exact, and its value is the mean of f1 squared.
+  inner = out[:, md:-md, md:-md]
+  assert np.all(np.argmax(inner, axis=-1) == expected)
+  np.testing.assert_array_equal(inner[..., expected], 1.0)
+  assert np.all(np.delete(inner, expected, axis=-1) < 1.0)
+
+
+def test_out_of_image_displacements_are_zero():
+  f1 = jnp.ones((1, 5, 6, 4))
+  f2 = jnp.ones((1, 5, 6, 4))
+  out = np.asarray(correlation(f1, f2, 2, 1)).reshape(1, 5, 6, 5, 5)
+  # At the top-left pixel only dy >= 0 and dx >= 0 land inside: a 3 x 3 block of ones.
+  expected = np.zeros((5, 5))
+  expected[2:, 2:] = 1
+  np.testing.assert_array_equal(out[0, 0, 0], expected)
+  # Count of in-image positions for every displacement (an independent closed form).
+  for i, dy in enumerate(range(-2, 3)):
+    for j, dx in enumerate(range(-2, 3)):
+      assert out[0, :, :, i, j].sum() == (5 - abs(dy)) * (6 - abs(dx))
+
+
+@pytest.mark.parametrize("shape,md,stride", [((1, 6, 7, 3), 2, 1), ((2, 5, 9, 2), 4, 2)])
+def test_gradients_match_finite_differences_float64(shape, md, stride):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    f1 = jnp.asarray(rng.normal(size=shape))
+    f2 = jnp.asarray(rng.normal(size=shape))
+    k = 2 * (md // stride) + 1
+    g = jnp.asarray(rng.normal(size=shape[:3] + (k * k,)))
+    assert correlation(f1, f2, md, stride).dtype == jnp.float64
+    loss = jax.jit(lambda a, b: jnp.sum(correlation(a, b, md, stride) * g))
+    d1, d2 = jax.jit(jax.grad(loss, argnums=(0, 1)))(f1, f2)
+    assert d1.dtype == jnp.float64 and d2.dtype == jnp.float64
+    eps = 1e-6
+    for arr, grad, which in ((f1, d1, 0), (f2, d2, 1)):
+      for idx in [tuple(int(rng.integers(0, s)) for s in shape) for _ in range(6)] + [(0, 0, 0, 0)]:
+        plus, minus = arr.at[idx].add(eps), arr.at[idx].add(-eps)
+        args_p = (plus, f2) if which == 0 else (f1, plus)
+        args_m = (minus, f2) if which == 0 else (f1, minus)
+        fd = (loss(*args_p) - loss(*args_m)) / (2 * eps)
+        np.testing.assert_allclose(float(grad[idx]), float(fd), rtol=1e-6, atol=1e-8)
+
+
+def test_gradients_match_numpy_adjoint():
+  # The loss is bilinear, so dL/df1 = dL/d out contracted with f2 shifts: check the full gradient arrays
+  # against an independent numpy adjoint computed displacement by displacement.
+  shape, md, stride = (2, 8, 11, 5), 3, 1
+  f1, f2 = _features(shape, 3)
+  k = 2 * md + 1
+  g = np.random.default_rng(4).normal(size=shape[:3] + (k * k,)).astype(np.float32)
+  d1, d2 = jax.jit(jax.grad(lambda a, b: jnp.sum(correlation(a, b, md, stride) * g), argnums=(0, 1)))(f1, f2)
+  b, h, w, c = shape
+  e1 = np.zeros(shape)
+  e2 = np.zeros(shape)
+  for i, dy in enumerate(range(-md, md + 1)):
+    for j, dx in enumerate(range(-md, md + 1)):
+      for y in range(h):
+        for x in range(w):
+          if 0 <= y + dy < h and 0 <= x + dx < w:
+            gk = g[:, y, x, i * k + j, None] / c
+            e1[:, y, x] += gk * f2[:, y + dy, x + dx]
+            e2[:, y + dy, x + dx] += gk * f1[:, y, x]
+  np.testing.assert_allclose(np.asarray(d1), e1, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(d2), e2, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+  shape, md = (2, 10, 12, 40), 3
+  f1, f2 = _features(shape, 5)
+  b1, b2 = jnp.asarray(f1, jnp.bfloat16), jnp.asarray(f2, jnp.bfloat16)
+  out = correlation(b1, b2, md)
+  assert out.dtype == jnp.float32
+  # Products of bf16 values are exact in float32, so the result equals the float32 correlation of the
+  # bf16-rounded inputs to float32 accumulation error, far tighter than a bf16 accumulation could give.
+  exact = numpy_correlation(np.asarray(b1.astype(jnp.float32)), np.asarray(b2.astype(jnp.float32)), md, 1)
+  np.testing.assert_allclose(np.asarray(out), exact, rtol=1e-5, atol=1e-6)
+  # And it is within bf16 input rounding of the float32 result.
+  np.testing.assert_allclose(np.asarray(out), numpy_correlation(f1, f2, md, 1), atol=3e-2)
+  # Gradients come back in the input dtype.
+  d1, d2 = jax.grad(lambda a, b: jnp.sum(correlation(a, b, md)), argnums=(0, 1))(b1, b2)
+  assert d1.dtype == jnp.bfloat16 and d2.dtype == jnp.bfloat16
+
+
+def test_jit_vmap_grad_agree():
+  shape, md, stride = (2, 8, 10, 6), 4, 2
+  f1, f2 = _features(shape, 6)
+  jitted = np.asarray(jax.jit(correlation, static_argnums=(2, 3))(f1, f2, md, stride))
+  np.testing.assert_allclose(jitted, numpy_correlation(f1, f2, md, stride), rtol=1e-5, atol=1e-6)
+  # vmap over an extra leading axis: (3, B, H, W, C) -> (3, B, H, W, K*K), each slice independent.
+  stack1 = np.stack([f1, f2, f1 * 2])
+  stack2 = np.stack([f2, f1, f2[:, ::-1]])
+  vm = np.asarray(jax.jit(jax.vmap(lambda a, b: correlation(a, b, md, stride)))(stack1, stack2))
+  for t in range(3):
+    np.testing.assert_allclose(vm[t], numpy_correlation(stack1[t], stack2[t], md, stride), rtol=1e-5, atol=1e-6)
+  # grad through vmap equals the per-example grad.
+  loss = lambda a, b: jnp.sum(correlation(a, b, md, stride) ** 2)
+  gv = jax.jit(jax.vmap(jax.grad(loss)))(stack1, stack2)
+  grad_one = jax.jit(jax.grad(loss))
+  for t in range(3):
+    np.testing.assert_allclose(np.asarray(gv[t]), np.asarray(grad_one(stack1[t], stack2[t])), rtol=1e-5, atol=1e-6)
+
+
+def test_shard_map_over_two_devices_matches_single_device():
+  assert len(jax.devices()) >= 2, "tests/conftest.py should simulate 2 CPU devices"
+  mesh = jax.make_mesh((2,), ("data",))
+  shape, md = (4, 8, 12, 7), 4
+  f1, f2 = _features(shape, 7)
+  spec = jax.P("data")
+  sharded = jax.jit(jax.shard_map(lambda a, b: correlation(a, b, md), mesh=mesh, in_specs=(spec, spec),
+                                  out_specs=spec))
+  sharding = jax.NamedSharding(mesh, spec)
+  s1, s2 = jax.device_put(f1, sharding), jax.device_put(f2, sharding)
+  out = sharded(s1, s2)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(correlation(f1, f2, md)), rtol=1e-6, atol=1e-7)
+  assert len(out.sharding.device_set) == 2
+  # Gradients through shard_map as well (jit under the mesh: make_mesh gives explicit axes).
+  loss = lambda fn: (lambda a, b: jnp.sum(fn(a, b) ** 2))
+  with jax.set_mesh(mesh):
+    g_sharded = jax.jit(jax.grad(loss(sharded)))(s1, s2)
+  g_single = jax.grad(loss(lambda a, b: correlation(a, b, md)))(f1, f2)
+  np.testing.assert_allclose(np.asarray(g_sharded), np.asarray(g_single), rtol=1e-5, atol=1e-6)
+
+
+def test_no_displacement_sized_intermediate_in_forward_or_backward():
+  # Compiled temp memory must stay far below a K*K x C x H x W x B intermediate (here 81 x 64 x 24 x 32 x 2).
+  shape, md = (2, 24, 32, 64), 4
+  f1 = jnp.zeros(shape)
+  f2 = jnp.zeros(shape)
+  g = jnp.zeros(shape[:3] + (81,))
+
+  def fwd_bwd(a, b, ct):
+    out, vjp = jax.vjp(lambda x, y: correlation(x, y, md), a, b)
+    return (out,) + vjp(ct)
+
+  temp = jax.jit(fwd_bwd).lower(f1, f2, g).compile().memory_analysis().temp_size_in_bytes
+  dense = 4 * 81 * np.prod(shape)
+  assert temp < dense / 8, (temp, dense)
+
+
+@pytest.mark.parametrize("args,match", [
+    (((1, 4, 4, 3), (1, 4, 5, 3), 2, 1), "same"),
+    (((4, 4, 3), (4, 4, 3), 2, 1), "4-D"),
+    (((1, 4, 4, 3), (1, 4, 4, 3), -1, 1), "max_displacement"),
+    (((1, 4, 4, 3), (1, 4, 4, 3), 2, 0), "stride"),
+    (((1, 4, 4, 3), (1, 4, 4, 3), 2.0, 1), "max_displacement"),
+])
+def test_bad_input_raises_clear_error(args, match):
+  s1, s2, md, stride = args
+  with pytest.raises(ValueError, match=match):
+    correlation(jnp.zeros(s1), jnp.zeros(s2), md, stride)
+
+
+def test_integer_features_rejected():
+  with pytest.raises(TypeError, match="floating"):
+    correlation(jnp.zeros((1, 4, 4, 3), jnp.int32), jnp.zeros((1, 4, 4, 3), jnp.int32), 1)
