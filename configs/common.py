@@ -18,6 +18,7 @@ Top-level fields:
   log_every_steps, checkpoint_every_steps, keep_checkpoints, log_tensorboard, log_images, prefetch
   init_from             workdir whose latest checkpoint initialises the parameters (fine-tuning, SpyNet stages)
   trainable_levels      SpyNet only: levels trained in this stage (others frozen); () = all
+  spynet_copy_previous_level  SpyNet stages: with init_from, G_k (k = the trained level) starts as a copy of G_{k-1}
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def base_config(model_name: str, **model_overrides: Any) -> ml_collections.Confi
   c.prefetch = 2
   c.init_from = ""
   c.trainable_levels = ()
+  c.spynet_copy_previous_level = False
   return c
 
 
@@ -134,7 +136,7 @@ def local_variant(c: ml_collections.ConfigDict, *, steps: int = 600, batch: int 
   c.optim.boundaries = (int(steps * 0.6), int(steps * 0.8))
   set_crop(c, crop)
   c.evals.synthetic_val.batch_size = batch
-  c.evals.synthetic_val.num_batches = 8
+  c.data.val_size = 64
   c.eval_every_steps = 0
   c.log_every_steps = 25
   c.checkpoint_every_steps = 200
@@ -142,8 +144,14 @@ def local_variant(c: ml_collections.ConfigDict, *, steps: int = 600, batch: int 
 
 
 def set_crop(c: ml_collections.ConfigDict, crop: tuple[int, int]) -> None:
-  """Training crop (H, W) and the synthetic image size it is cut from."""
-  c.data.crop_size = tuple(crop)
+  """Training crop (H, W); the synthetic pairs are generated at the crop size plus a margin of 1/4 (at least
+  the 384 x 512 FlowNet Chairs size for full-size crops), so augmentation has room to zoom out and rotate."""
+  h, w = int(crop[0]), int(crop[1])
+  c.data.crop_size = (h, w)
+  if h >= 320:
+    c.data.synthetic.image_size = (max(384, h), max(512, w))
+  else:
+    c.data.synthetic.image_size = (h + h // 4, w + w // 4)
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -169,3 +177,54 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.evals.{name} needs the key {key!r} (has {sorted(ev.keys())})")
   if c.evals and c.best_metric and not any(c.best_metric.startswith(f"{n}/") for n in c.evals):
     raise ValueError(f"config.best_metric={c.best_metric!r} does not name one of config.evals {sorted(c.evals)}")
+
+
+def real_evals(names: tuple[str, ...], batch_size: int = 1) -> ml_collections.ConfigDict:
+  """Evaluations on real sets at full resolution plus the synthetic held-out set.
+
+  Real sets of mixed image sizes need a per-process batch of 1 (batch_size = number of processes); the trainer
+  pads per-process batches to the local device count.
+  """
+  evals = {"synthetic_val": {"dataset": "synthetic_val", "batch_size": 8, "num_batches": 0}}
+  for n in names:
+    evals[n] = {"dataset": n, "batch_size": batch_size, "num_batches": 0}
+  return ml_collections.ConfigDict(evals)
+
+
+def scaled_boundaries(schedule: str, scale: float) -> tuple[int, ...]:
+  from jaxflow import optim
+  return optim.preset(schedule, scale)["boundaries"]
+
+
+def scaled_total(schedule: str, scale: float) -> int:
+  from jaxflow import optim
+  return optim.preset(schedule, scale)["total_steps"]
+
+
+def flownet_config(name: str, arg: str | None, warmup_steps: int = 0) -> ml_collections.ConfigDict:
+  """FlowNetS / FlowNetC: chairs (S_long, or schedule=s_short), sintel / kitti fine-tuning (S_fine), local."""
+  variant, opts = parse_arg(arg, options={"schedule": "s_long"})
+  c = base_config(name)
+  apply_schedule(c, opts["schedule"])
+  c.optim.warmup_steps = warmup_steps
+  c.optim.warmup_init_lr = 1e-6
+  c.loss.div_flow = c.model.div_flow
+  set_crop(c, (320, 448))
+  if variant == "sintel":
+    apply_schedule(c, "s_fine")
+    c.optim.warmup_steps = 0
+    c.data.train = "sintel_final"
+    set_crop(c, (384, 768))
+    c.evals = real_evals(("sintel_clean", "sintel_final"))
+    c.best_metric = "sintel_final/epe"
+  elif variant == "kitti":
+    apply_schedule(c, "s_fine")
+    c.optim.warmup_steps = 0
+    c.data.train = "kitti2015"
+    set_crop(c, (320, 896))
+    c.evals = real_evals(("kitti2015",))
+    c.best_metric = "kitti2015/epe"
+  elif variant == "local":
+    local_variant(c, steps=600, batch=8, crop=(128, 192), lr=1e-4)
+    c.optim.warmup_steps = min(warmup_steps, 50)
+  return finalize(c)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxflow.train_state import TrainState
+from jaxflow.train_state import TrainState, wrap_key
 
 LossFn = Callable[[dict[str, Any], dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -52,7 +52,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: LossF
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    rng = jax.random.fold_in(wrap_key(state.rng), state.step)
 
     def objective(params):
       outputs, new_stats = _apply(model, params, state.batch_stats, batch, True, rng)

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from jaxflow import checkpointing, optim, parallel, steps
-from jaxflow.train_state import TrainState, create_train_state, make_init_fn, param_count
+from jaxflow.train_state import TrainState, create_train_state, make_init_fn, make_key, param_count
 
 TrainIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
 EvalIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
@@ -87,8 +87,16 @@ class MetricWriter:
         f.writelines(kept)
     if tensorboard:
       import tensorflow as tf
+      from tensorflow.core.framework import summary_pb2
       tf.config.set_visible_devices([], "GPU")
       self._tf = tf
+      # tf.summary.scalar/image live in the `tensorboard` package, which tensorflow-cpu does not install; the
+      # core tf.summary.write with the plugins' metadata writes the same event records without it.
+      self._meta = {}
+      for plugin in ("scalars", "images"):
+        md = summary_pb2.SummaryMetadata()
+        md.plugin_data.plugin_name = plugin
+        self._meta[plugin] = md
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, values: dict[str, Any], **extra: Any) -> None:
@@ -98,14 +106,20 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
+      tf = self._tf
       with self._tb.as_default():
         for k, v in values.items():
-          self._tf.summary.scalar(k, float(v), step=step)
+          tf.summary.write(k, tf.constant(float(v), tf.float32), step=step, metadata=self._meta["scalars"])
 
   def images(self, step: int, name: str, images: np.ndarray) -> None:
+    """images: uint8 (N, H, W, 3), stored as the TensorBoard image plugin expects ([W, H, png, png, ...])."""
     if self.active and self._tb is not None:
+      tf = self._tf
+      n, h, w = images.shape[:3]
+      pngs = [tf.io.encode_png(images[i]) for i in range(n)]
+      tensor = tf.stack([tf.constant(str(w)), tf.constant(str(h))] + pngs)
       with self._tb.as_default():
-        self._tf.summary.image(name, images, step=step, max_outputs=images.shape[0])
+        tf.summary.write(name, tensor, step=step, metadata=self._meta["images"])
 
   def flush(self) -> None:
     if self._tb is not None:
@@ -184,6 +198,12 @@ def _init_from(config: ml_collections.ConfigDict, state: TrainState, replicated:
         raise ValueError(f"config.init_from={source!r}: parameter {jax.tree_util.keystr(path[0])} has shape "
                          f"{np.shape(a)}, this model expects {np.shape(b)}")
     params = old_params
+  if config.model.name == "spynet" and config.get("spynet_copy_previous_level", False):
+    params = dict(params)
+    for level in tuple(config.trainable_levels):
+      if level > 0:
+        params[f"G{level}"] = params[f"G{level - 1}"]
+        _log(f"spynet: G{level} initialised as a copy of G{level - 1}")
   put = lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda idx: np.asarray(x)[idx])
   state = state.replace(params=jax.tree.map(put, params))
   old_stats = restored.get("batch_stats") or {}
@@ -195,12 +215,13 @@ def _init_from(config: ml_collections.ConfigDict, state: TrainState, replicated:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        train_iter_fn: TrainIterFn | None = None, eval_iter_fn: EvalIterFn | None = None,
-                       loss_fn: steps.LossFn | None = None, num_devices: int | None = None,
+                       loss_fn: steps.LossFn | None = None, model: Any | None = None,
+                       num_devices: int | None = None,
                        stop_after_steps: int | None = None) -> dict[str, Any]:
   """Trains config.model for config.total_steps global steps; returns the final metrics and the state.
 
-  train_iter_fn / eval_iter_fn / loss_fn default to data_pipelines.pipeline and jaxflow.losses (tests inject
-  small fakes). num_devices restricts the mesh to the first devices (single process). stop_after_steps stops
+  train_iter_fn / eval_iter_fn / loss_fn default to data_pipelines.pipeline and jaxflow.losses, model to
+  get_model(config.model.name, **fields) (tests inject small fakes). num_devices restricts the mesh to the first devices (single process). stop_after_steps stops
   (with a checkpoint) after that many steps of this invocation, like an interruption.
   Returns {"step", "final": {metrics}, "best": {...}, "state": TrainState}.
   """
@@ -216,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointing.save_config(config, workdir)
   total_steps = int(config.total_steps)
 
-  model = build_model(config)
+  model = model if model is not None else build_model(config)
   crop_h, crop_w = config.data.crop_size
   image_shape = (1, int(crop_h), int(crop_w), 3)
   trainable = None
@@ -227,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     from jaxflow.models import spynet
     abstract_params = jax.eval_shape(
         lambda k: model.init({"params": k}, jnp.zeros(image_shape), jnp.zeros(image_shape), train=False),
-        jax.random.key(0))["params"]
+        make_key(0))["params"]
     trainable = spynet.trainable_mask(abstract_params, tuple(config.trainable_levels))
   tx = optim.make_optimizer(config.optim, total_steps, trainable)
   schedule = optim.make_schedule(config.optim, total_steps)
@@ -260,7 +281,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     results: dict[str, float] = {}
     for name, ev in sorted(config.evals.items()):
       bs = int(ev.batch_size)
-      per_process = parallel.check_batch_size(bs, mesh)
+      if bs <= 0 or bs % nproc:
+        raise ValueError(f"config.evals.{name}.batch_size={bs} must be a positive multiple of the number of "
+                         f"processes ({nproc})")
+      # Pad each process's rows up to a multiple of its devices (rows with valid = 0 do not count), so sets of
+      # mixed image sizes can be evaluated one image per process.
+      local_devices = mesh.devices.size // nproc
+      per_process = -(-(bs // nproc) // local_devices) * local_devices
       sums = None
       first = None
       for i, host_batch in enumerate(eval_iter_fn(config, ev.dataset, batch_size=bs, process_index=pid,

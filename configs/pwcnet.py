@@ -1,0 +1,48 @@
+r"""PWC-Net (Sun et al., CVPR 2018) on FlyingChairs-style pairs.
+
+  python -m jaxflow.train --config configs/pwcnet.py:local  --workdir runs/pwcnet_local    # minutes on a CPU
+  python -m jaxflow.train --config configs/pwcnet.py:chairs --workdir runs/pwcnet_chairs   # paper: S_long
+  python -m jaxflow.train --config configs/pwcnet.py:sintel --workdir runs/pwcnet_sintel \
+      --config.init_from=runs/pwcnet_chairs --config.data.root=/path/to/datasets          # S_fine, robust loss
+  python -m jaxflow.train --config configs/pwcnet.py:kitti --workdir runs/pwcnet_kitti \
+      --config.init_from=runs/pwcnet_chairs --config.data.root=/path/to/datasets
+
+Paper facts used: batch 8, 448 x 384 crops on Chairs, S_long schedule (lr 1e-4 halved at 0.4M, 0.6M, 0.8M,
+1M; 1.2M iterations), Adam, weight decay 4e-4, multiscale loss weights 0.32, 0.08, 0.02, 0.01, 0.005 (levels
+6..2) on flow / 20, summed over pixels (the paper's L2 training loss); fine-tuning: robust loss
+(|.|_1 + 0.01)^0.4, S_fine-like schedule starting at 1e-5.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  variant, _ = common.parse_arg(arg)
+  c = common.base_config("pwcnet")
+  common.apply_schedule(c, "s_long")
+  c.loss.reduction = "sum"  # paper: sum over pixels per image (Eq. 1); the robust loss likewise
+  c.loss.div_flow = c.model.div_flow
+  common.set_crop(c, (384, 448))
+  if variant == "sintel":
+    common.apply_schedule(c, "s_fine")
+    c.loss.kind = "robust"
+    c.data.train = "sintel_final"
+    common.set_crop(c, (384, 768))
+    c.evals = common.real_evals(("sintel_clean", "sintel_final"))
+    c.best_metric = "sintel_final/epe"
+  elif variant == "kitti":
+    common.apply_schedule(c, "s_fine")
+    c.loss.kind = "robust"
+    c.data.train = "kitti2015"
+    common.set_crop(c, (320, 896))
+    c.evals = common.real_evals(("kitti2015",))
+    c.best_metric = "kitti2015/epe"
+  elif variant == "local":
+    common.local_variant(c, steps=600, batch=8, crop=(128, 192), lr=3e-4)
+  return common.finalize(c)
+
+
+def sweep(add):
+  """Search range / context network / dense connections ablation (see configs/ablations/pwcnet_ablation.py)."""
+  from configs.ablations import pwcnet_ablation
+  pwcnet_ablation.sweep(add)

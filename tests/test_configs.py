@@ -1,0 +1,145 @@
+"""Config files: every variant builds and is locked; errors name the bad key / type / model / variant; the
+command line and the sweep launcher apply and check overrides."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from configs import common
+from experiments import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("flownet_s", "flownet_c", "spynet", "pwcnet")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("variant", common.VARIANTS)
+def test_every_variant_builds_locked_and_complete(model, variant):
+  module = importlib.import_module(f"configs.{model}")
+  assert "python -m jaxflow.train --config configs/" in module.__doc__
+  c = module.get_config(variant)
+  assert c.is_locked
+  assert c.model.name == model and c.batch_size > 0 and c.total_steps > 0
+  for key in ("seed", "loss", "optim", "data", "evals", "log_every_steps", "checkpoint_every_steps", "init_from"):
+    assert key in c, key
+  common.check_config(c)
+  from jaxflow.models import get_model
+  get_model(c.model.name, **{k: v for k, v in c.model.items() if k != "name"})  # every field is a model field
+  with pytest.raises(AttributeError, match="bogus"):
+    c.bogus = 1
+  with pytest.raises(AttributeError, match="bogus"):
+    c.model.bogus = 1
+  with pytest.raises(TypeError, match="batch_size"):
+    c.batch_size = "eight"
+
+
+def test_paper_facts_in_chairs_configs():
+  from configs import flownet_c, flownet_s, pwcnet
+  s = flownet_s.get_config("chairs")
+  assert (s.optim.base_lr, tuple(s.optim.boundaries), s.total_steps) == (1e-4, (400_000, 600_000, 800_000, 1_000_000), 1_200_000)
+  assert s.batch_size == 8 and tuple(s.data.crop_size) == (320, 448) and s.optim.weight_decay == 4e-4
+  assert tuple(s.loss.weights) == (0.32, 0.08, 0.02, 0.01, 0.005) and s.loss.div_flow == 20.0
+  assert tuple(flownet_s.get_config("chairs,schedule=s_short").optim.boundaries) == (300_000, 400_000, 500_000)
+  c = flownet_c.get_config("chairs")
+  assert (c.optim.warmup_steps, c.optim.warmup_init_lr) == (10_000, 1e-6)
+  p = pwcnet.get_config("chairs")
+  assert tuple(p.data.crop_size) == (384, 448) and p.loss.reduction == "sum" and p.model.search_range == 4
+  fine = pwcnet.get_config("sintel")
+  assert fine.loss.kind == "robust" and fine.optim.base_lr == 1e-5 and tuple(fine.optim.boundaries) == (200_000, 300_000, 400_000)
+
+
+def test_spynet_stages():
+  from configs import spynet
+  c = spynet.get_config("chairs,stage=3")
+  assert tuple(c.trainable_levels) == (2,) and tuple(c.loss.weights) == (0, 0, 1, 0, 0) and c.model.levels == 5
+  with pytest.raises(ValueError, match="stage=6"):
+    spynet.get_config("chairs,stage=6")
+  with pytest.raises(ValueError, match="stage=x.*int"):
+    spynet.get_config("chairs,stage=x")
+
+
+def test_bad_variant_and_option_and_model_are_named():
+  from configs import pwcnet
+  with pytest.raises(ValueError, match="unknown config variant 'chair'"):
+    pwcnet.get_config("chair")
+  with pytest.raises(ValueError, match="unknown config option 'stage'"):
+    pwcnet.get_config("chairs,stage=2")
+  with pytest.raises(ValueError, match="unknown model 'pwcnet2'"):
+    common.base_config("pwcnet2")
+  with pytest.raises(ValueError, match="no field 'search_rang'"):
+    common.model_config("pwcnet", search_rang=3)
+
+
+def test_check_config_names_keys():
+  from configs import pwcnet
+  c = pwcnet.get_config("local")
+  c.log_every_steps = 0
+  with pytest.raises(ValueError, match="config.log_every_steps"):
+    common.check_config(c)
+  c = pwcnet.get_config("local")
+  c.best_metric = "sintel/epe"
+  with pytest.raises(ValueError, match="best_metric"):
+    common.check_config(c)
+
+
+def _train_cli(*args):
+  return subprocess.run([sys.executable, "-m", "jaxflow.train", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_command_line_rejects_unknown_key_wrong_type_and_bad_variant(tmp_path):
+  wd = f"--workdir={tmp_path}"
+  r = _train_cli("--config=configs/pwcnet.py:local", wd, "--config.bogus_key=3")
+  assert r.returncode != 0 and "bogus_key" in r.stderr
+  r = _train_cli("--config=configs/pwcnet.py:local", wd, "--config.batch_size=abc")
+  assert r.returncode != 0 and "batch_size" in r.stderr
+  r = _train_cli("--config=configs/pwcnet.py:nonsense", wd)
+  assert r.returncode != 0 and "nonsense" in r.stderr
+  r = _train_cli("--config=configs/pwcnet.py:local", wd, "--config.model.name=pwcnet9")
+  assert r.returncode != 0 and "pwcnet9" in r.stderr
+  assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints"))
+
+
+def test_sweep_expands_checks_and_prints(tmp_path, capsys):
+  path, arg, base, runs = sweep.expand("configs/ablations/pwcnet_ablation.py:local")
+  names = [n for n, _ in runs]
+  assert names == ["full", "search_range2", "search_range6", "no_context", "no_dense"]
+  assert dict(runs)["no_context"] == {"model.context": False}
+  assert sweep.main(["--config", "configs/ablations/pwcnet_ablation.py:local", "--workdir", str(tmp_path),
+                     "--print", "--config.total_steps=5"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 5
+  assert f"--workdir={tmp_path}/search_range2" in lines[1] and "--config.model.search_range=2" in lines[1]
+  assert all(line.endswith("--config.total_steps=5") for line in lines)
+  with pytest.raises(ValueError, match="'model.search_rang'"):
+    sweep.check_overrides(base, "x", {"model.search_rang": 2})
+  with pytest.raises(ValueError, match="'batch_size'"):
+    sweep.check_overrides(base, "x", {"batch_size": "big"})
+
+
+def test_spynet_sweep_chains_stages(tmp_path):
+  path, arg, base, runs = sweep.expand("configs/spynet.py:chairs")
+  assert [n for n, _ in runs] == [f"stage{k}" for k in range(1, 6)]
+  cmd = sweep.command(path, arg, str(tmp_path), *runs[2], [])
+  assert f"--config.init_from={tmp_path}/stage2" in cmd and "--config.trainable_levels=(2,)" in cmd
+  for name, overrides in runs:
+    sweep.check_overrides(base, name, {k: sweep._substitute(v, str(tmp_path)) for k, v in overrides.items()})
+
+
+def test_sweep_collects_final_rows(tmp_path):
+  for name, epe in (("a", 1.5), ("b", 0.5)):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "metrics.jsonl", "w") as f:
+      f.write('{"step": 2, "train/loss": 1.0}\n')
+      f.write('{"step": 4, "synthetic_val/epe": %f, "final": true, "best": {"value": %f}}\n' % (epe, epe))
+  assert sweep.final_metrics(str(tmp_path / "a"))["synthetic_val/epe"] == 1.5
+  assert sweep.final_metrics(str(tmp_path / "missing")) is None
+  text = sweep.table([{"name": "a", "status": "done", "metrics": {"synthetic_val/epe": 1.5}},
+                      {"name": "b", "status": "done", "metrics": {"synthetic_val/epe": 0.5}}])
+  assert "1.5000" in text and "0.5000" in text and text.splitlines()[0].split() == ["run", "status", "synthetic_val/epe"]
