@@ -531,6 +531,7 @@ def run(methods: Sequence[Method], datasets: Sequence[Any], *, json_path: str | 
   jsonl = None
   if json_path:
     jsonl = os.path.splitext(json_path)[0] + ".jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     if resume and os.path.isfile(json_path):
       with open(json_path) as f:
         results = json.load(f).get("results", {})
