@@ -72,11 +72,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.motion = ml_collections.ConfigDict()
   m = c.motion
   m.truncation = 3.0
-  m.bg_translation_sigma = (0.3, 10.0)
+  m.bg_translation_sigma = (0.3, 15.0)
   m.bg_rotation_sigma = (0.1, 2.0)
   m.bg_zoom_sigma = 0.03
   m.bg_squeeze_sigma = 0.02
-  m.chair_translation_sigma = (0.5, 35.0)
+  m.chair_translation_sigma = (0.5, 60.0)
   m.chair_rotation_sigma = (0.2, 8.0)
   m.chair_zoom_sigma = 0.05
   m.chair_squeeze_sigma = 0.03
@@ -90,8 +90,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _loguniform(u: tf.Tensor, lo: float, hi: float) -> tf.Tensor:
+  """exp(log lo + u (log hi - log lo)) for u in [0, 1); the range (0, 0) gives zeros (motion switched off)."""
+  if lo == hi == 0:
+    return tf.zeros_like(u)
   if lo <= 0 or hi < lo:
-    raise ValueError(f"a sigma range must satisfy 0 < lo <= hi, got ({lo}, {hi})")
+    raise ValueError(f"a sigma range must satisfy 0 < lo <= hi (or be (0, 0)), got ({lo}, {hi})")
   return tf.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
 
 

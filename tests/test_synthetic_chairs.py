@@ -1,0 +1,209 @@
+"""Tests of the on-the-fly Flying Chairs generator: consistency of images, flow and occlusion, exact motion,
+determinism, motion statistics, the export CLI and config overrides. Small sizes (96 x 128, few chairs)."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from data_pipelines import synthetic_chairs as sc
+
+
+def _small_config(**overrides):
+  cfg = sc.default_config()
+  cfg.image_size = (96, 128)
+  cfg.num_chairs = (4, 6)
+  cfg.sprite_size = 48
+  cfg.num_procedural_backgrounds = 3
+  cfg.num_chair_models = 4
+  cfg.views_per_model = 3
+  for key, value in overrides.items():
+    cfg[key] = value
+  return cfg
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+  old = os.environ.get("JAXFLOW_CACHE")
+  os.environ["JAXFLOW_CACHE"] = str(tmp_path_factory.mktemp("jaxflow_cache"))
+  yield
+  if old is None:
+    os.environ.pop("JAXFLOW_CACHE")
+  else:
+    os.environ["JAXFLOW_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def gen():
+  return sc.make_generator(_small_config())
+
+
+def _example(g, seed, index):
+  return {k: v.numpy() for k, v in g(tf.constant(seed, tf.int64), tf.constant(index, tf.int64)).items()}
+
+
+def _warp_numpy(image, flow):
+  """Backward bilinear warp: out(x) = image(x + flow(x)), zero outside (independent numpy reference)."""
+  h, w = flow.shape[:2]
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+  x, y = xx + flow[..., 0], yy + flow[..., 1]
+  x0, y0 = np.floor(x), np.floor(y)
+  fx, fy = x - x0, y - y0
+  out = np.zeros(image.shape, np.float64)
+  for dy, wy in ((0, 1 - fy), (1, fy)):
+    for dx, wx in ((0, 1 - fx), (1, fx)):
+      xi, yi = (x0 + dx).astype(int), (y0 + dy).astype(int)
+      ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+      out += (wy * wx * ok)[..., None] * image[np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)]
+  return out
+
+
+def test_element_contract(gen):
+  ex = _example(gen, 0, 0)
+  assert set(ex) == {"image1", "image2", "flow", "valid", "occlusion"}
+  assert ex["image1"].shape == ex["image2"].shape == (96, 128, 3)
+  assert ex["flow"].shape == (96, 128, 2)
+  assert ex["valid"].shape == ex["occlusion"].shape == (96, 128)
+  for v in ex.values():
+    assert v.dtype == np.float32
+  assert 0.0 <= ex["image1"].min() and ex["image1"].max() <= 1.0
+  np.testing.assert_array_equal(ex["valid"], 1.0)
+  assert set(np.unique(ex["occlusion"])) <= {0.0, 1.0}
+
+
+def test_warp_reproduces_frame1_except_occlusions(gen):
+  nonocc, occ_errs = [], []
+  for index in range(3):
+    ex = _example(gen, 1, index)
+    err = np.abs(_warp_numpy(ex["image2"], ex["flow"]) - ex["image1"]).mean(-1)
+    occ = ex["occlusion"] > 0.5
+    assert 0.0 < occ.mean() < 0.5, "chairs and motion should occlude some, but not most, pixels"
+    nonocc.append(err[~occ].mean())
+    occ_errs.append(err[occ].mean())
+    assert nonocc[-1] < 0.02, f"index {index}: warp error on non-occluded pixels {nonocc[-1]:.4f}"
+  assert np.mean(occ_errs) > 5 * np.mean(nonocc)
+
+
+def test_flow_is_not_a_wrong_but_consistent_field(gen):
+  # Warping with a perturbed flow must be clearly worse: the warp test above is sensitive to the flow.
+  ex = _example(gen, 1, 0)
+  occ = ex["occlusion"] > 0.5
+  good = np.abs(_warp_numpy(ex["image2"], ex["flow"]) - ex["image1"]).mean(-1)[~occ].mean()
+  bad = np.abs(_warp_numpy(ex["image2"], ex["flow"] + 1.5) - ex["image1"]).mean(-1)[~occ].mean()
+  assert bad > 2 * good
+
+
+def test_zero_chairs_pure_translation():
+  cfg = _small_config(num_chairs=(0, 0))
+  m = cfg.motion
+  m.bg_rotation_sigma = (0.0, 0.0)
+  m.bg_zoom_sigma = 0.0
+  m.bg_squeeze_sigma = 0.0
+  g = sc.make_generator(cfg)
+  params = sc.draw_parameters(cfg, 3, 12, tf.constant(5, tf.int64), tf.constant(2, tf.int64))
+  np.testing.assert_allclose(params["bg_a"].numpy(), np.eye(2), atol=0)
+  t = params["bg_b"].numpy()
+  assert np.abs(t).max() > 0.05
+  ex = _example(g, 5, 2)
+  np.testing.assert_allclose(ex["flow"], np.broadcast_to(t, ex["flow"].shape), atol=1e-4)
+  # Occlusion is exactly "moves out of view" (nearest target pixel outside the frame).
+  h, w = cfg.image_size
+  yy, xx = np.mgrid[0:h, 0:w]
+  rx, ry = np.round(xx + t[0]), np.round(yy + t[1])
+  out = (rx < 0) | (rx > w - 1) | (ry < 0) | (ry > h - 1)
+  np.testing.assert_array_equal(ex["occlusion"] > 0.5, out)
+
+
+def test_same_index_same_bytes_and_different_indices_differ(gen):
+  a = _example(gen, 3, 7)
+  b = _example(gen, 3, 7)
+  for k in a:
+    assert a[k].tobytes() == b[k].tobytes(), k
+  c = _example(gen, 3, 8)
+  d = _example(gen, 4, 7)
+  assert not np.array_equal(a["image1"], c["image1"])
+  assert not np.array_equal(a["flow"], c["flow"])
+  assert not np.array_equal(a["image1"], d["image1"])
+
+
+def test_tf_data_pipeline_parallelism_does_not_change_bytes(gen):
+  direct = {i: _example(gen, 3, i) for i in (5, 6, 7)}
+  ds = tf.data.Dataset.from_tensor_slices(tf.constant([7, 6, 5], tf.int64))
+  ds = ds.map(lambda i: (i, gen(tf.constant(3, tf.int64), i)), num_parallel_calls=2, deterministic=False)
+  seen = set()
+  for i, ex in ds.as_numpy_iterator():
+    seen.add(int(i))
+    for k, v in ex.items():
+      assert v.tobytes() == direct[int(i)][k].tobytes(), (int(i), k)
+  assert seen == {5, 6, 7}
+
+
+def test_motion_defaults_are_heavy_tailed():
+  """Default motions at 512 x 384: most displacements under 10 px, a tail past 100 px (from the parameters)."""
+  cfg = sc.default_config()
+  draw = tf.function(lambda i: sc.draw_parameters(cfg, 10, 100, tf.constant(0, tf.int64), i))
+  rng = np.random.default_rng(0)
+  mags = []
+  for i in range(300):
+    p = {k: v.numpy() for k, v in draw(tf.constant(i, tf.int64)).items()}
+    pts = rng.uniform([0, 0], [512, 384], (40, 2))
+    mags.append(np.linalg.norm(pts @ p["bg_a"].T + p["bg_b"] - pts, axis=1))
+    centre = p["c1_b"] + p["c1_a"] @ np.full(2, (cfg.sprite_size - 1) / 2)
+    moved = np.einsum("kij,kj->ki", p["g_a"], centre) + p["g_b"]
+    mags.append(np.linalg.norm(moved - centre, axis=1)[p["active"]])
+    assert cfg.num_chairs[0] <= p["active"].sum() <= cfg.num_chairs[1]
+    assert sorted(p["rank"].tolist()) == list(range(cfg.num_chairs[1]))
+  m = np.concatenate(mags)
+  assert np.median(m) < 10.0
+  assert (m < 10).mean() > 0.5
+  assert 0.0005 < (m > 100).mean() < 0.05
+
+
+def test_export_cli_flying_chairs_layout(tmp_path, gen):
+  sc.main(["--out", str(tmp_path), "--num", "2", "--seed", "3", "--start", "5", "--config.image_size=96,128",
+           "--config.num_chairs=4,6", "--config.sprite_size=48", "--config.num_procedural_backgrounds=3",
+           "--config.num_chair_models=4", "--config.views_per_model=3"])
+  names = sorted(p.name for p in tmp_path.iterdir())
+  assert names == ["00006_flow.flo", "00006_img1.ppm", "00006_img2.ppm", "00006_occ.png",
+                   "00007_flow.flo", "00007_img1.ppm", "00007_img2.ppm", "00007_occ.png"]
+  ex = _example(gen, 3, 5)  # File 00006 is example index 5.
+  raw = (tmp_path / "00006_flow.flo").read_bytes()
+  assert raw[:4] == b"PIEH"
+  w, h = np.frombuffer(raw[4:12], "<i4")
+  assert (h, w) == (96, 128)
+  flow = np.frombuffer(raw[12:], "<f4").reshape(h, w, 2)
+  np.testing.assert_array_equal(flow, ex["flow"])
+  with Image.open(tmp_path / "00006_img1.ppm") as im:
+    assert im.format == "PPM" and im.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(im), np.round(ex["image1"] * 255).astype(np.uint8))
+  with Image.open(tmp_path / "00006_img2.ppm") as im:
+    np.testing.assert_array_equal(np.asarray(im), np.round(ex["image2"] * 255).astype(np.uint8))
+  with Image.open(tmp_path / "00006_occ.png") as im:
+    np.testing.assert_array_equal(np.asarray(im), (ex["occlusion"] > 0.5).astype(np.uint8) * 255)
+
+
+def test_config_overrides():
+  cfg = sc.default_config()
+  sc.apply_overrides(cfg, ["--config.image_size=64,80", "--config.motion.chair_zoom_sigma=0.1",
+                           "--config.chairs_dir=/x"])
+  assert tuple(cfg.image_size) == (64, 80)
+  assert cfg.motion.chair_zoom_sigma == 0.1
+  assert cfg.chairs_dir == "/x"
+  with pytest.raises(KeyError, match="no_such_key"):
+    sc.apply_overrides(cfg, ["--config.no_such_key=1"])
+  with pytest.raises(KeyError, match="motion.nope"):
+    sc.apply_overrides(cfg, ["--config.motion.nope=1"])
+  with pytest.raises(ValueError, match="image_size"):
+    sc.apply_overrides(cfg, ["--config.image_size=64"])
+  with pytest.raises(SystemExit):
+    sc.main(["--out", "/tmp/unused", "--config.bogus=3"])
+
+
+def test_bad_config_is_an_error():
+  with pytest.raises(ValueError, match="image_size"):
+    sc.make_generator(_small_config(image_size=(32, 128)))
+  with pytest.raises(ValueError, match="num_chairs"):
+    sc.make_generator(_small_config(num_chairs=(5, 2)))
