@@ -208,7 +208,7 @@ class FlowNetC(nn.Module):
     conv3 = block(conv2, 2)
     out_conv2a, out_conv3a, out_conv3b = conv2[:batch], conv3[:batch], conv3[batch:]
 
-    corr = ops.correlation(out_conv3a, out_conv3b, self.search_range, self.corr_stride)
+    corr = ops.correlation(out_conv3a, out_conv3b, int(self.search_range), int(self.corr_stride))
     corr = layers.leaky_relu(corr.astype(jnp.float32), 0.1).astype(self.dtype)
     redir = _conv_block(out_conv3a, "conv_redir", self.redir_features, 1, 1, batch_norm=self.batch_norm,
                         dtype=self.dtype, train=train)
