@@ -137,6 +137,8 @@ def _correlation_bwd(n, s, residuals, g):
 
 
 _correlation.defvjp(_correlation_fwd, _correlation_bwd)
+# Jitted so eager calls compile once instead of dispatching primitive by primitive; inlined under jit.
+_correlation_jit = jax.jit(_correlation, static_argnums=(2, 3))
 
 
 def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int = 1) -> jax.Array:
@@ -158,7 +160,7 @@ def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int
   the forward or the backward pass (see the module docstring).
   """
   n, _ = _check_inputs(f1, f2, max_displacement, stride)
-  return _correlation(f1, f2, n, stride)
+  return _correlation_jit(f1, f2, n, stride)
 
 
 __all__ = ["correlation"]

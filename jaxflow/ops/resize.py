@@ -10,10 +10,17 @@ def resize_flow(flow: jax.Array, size: tuple[int, int], method: str = "bilinear"
   """Resizes a flow field (..., H, W, 2) to (..., H', W', 2) and rescales it to the new pixel units.
 
   u is multiplied by W'/W and v by H'/H, so the result is the same motion expressed in pixels of the new grid.
-  Sampling is bilinear with pixel centres aligned (half-pixel convention, no corner alignment).
+  Sampling is bilinear with pixel centres aligned (half-pixel convention, no corner alignment): output pixel
+  x' reads input position (x' + 0.5) * W / W' - 0.5, clamped to the border; no antialiasing, so a 2x
+  downsampling is the mean of each 2x2 block. `method` is any jax.image.resize method ("nearest", ...).
   """
-  if flow.ndim < 3 or flow.shape[-1] != 2:
-    raise ValueError(f"resize_flow expects a flow of shape (..., H, W, 2), got {flow.shape}")
+  shape = getattr(flow, "shape", None)
+  if shape is None or len(shape) < 3 or shape[-1] != 2:
+    raise ValueError(f"resize_flow expects a flow of shape (..., H, W, 2), got {shape}")
+  if not jnp.issubdtype(flow.dtype, jnp.floating):
+    raise TypeError(f"resize_flow expects a floating-point flow, got dtype {flow.dtype}")
+  if len(size) != 2 or any(int(x) != x or int(x) < 1 for x in size):
+    raise ValueError(f"resize_flow: size must be two positive ints (H', W'), got {size!r}")
   h, w = flow.shape[-3], flow.shape[-2]
   new_h, new_w = int(size[0]), int(size[1])
   if (new_h, new_w) == (h, w):
@@ -29,8 +36,10 @@ def image_pyramid(image: jax.Array, levels: int) -> list[jax.Array]:
 
   Input (B, H, W, C); H and W must be divisible by 2**(levels - 1).
   """
-  if image.ndim != 4:
-    raise ValueError(f"image_pyramid expects (B, H, W, C), got {image.shape}")
+  if getattr(image, "ndim", None) != 4:
+    raise ValueError(f"image_pyramid expects (B, H, W, C), got {getattr(image, 'shape', None)}")
+  if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+    raise ValueError(f"image_pyramid: levels must be a positive int, got {levels!r}")
   b, h, w, c = image.shape
   factor = 2 ** (levels - 1)
   if h % factor or w % factor:

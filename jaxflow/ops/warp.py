@@ -12,8 +12,9 @@ Two implementations with the same maths:
   gradient with a single scatter-add of all four corners (autodiff emits four scatters and extra
   intermediates).
 
-Precision: sampling coordinates and bilinear weights are float32 whatever the image dtype; the weighted
-sum is accumulated in float32 and returned in the image dtype.
+Precision: sampling coordinates and bilinear weights are float32 whatever the image dtype (float64 only
+for a float64 flow in x64 mode); the weighted sum is accumulated in float32 (or float64 for float64
+inputs) and returned in the image dtype. Gradients come back in the dtype of each input.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def _corners(flow: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Arra
   (y1, x0), (y1, x1).
   """
   b, h, w, _ = flow.shape
-  flow = flow.astype(_F32)
-  gy, gx = jnp.meshgrid(jnp.arange(h, dtype=_F32), jnp.arange(w, dtype=_F32), indexing="ij")
+  cdt = jnp.result_type(_F32, flow.dtype)  # float32, or float64 for a float64 flow (x64 mode)
+  flow = flow.astype(cdt)
+  gy, gx = jnp.meshgrid(jnp.arange(h, dtype=cdt), jnp.arange(w, dtype=cdt), indexing="ij")
   px = (gx + flow[..., 0]).reshape(b, h * w)
   py = (gy + flow[..., 1]).reshape(b, h * w)
   x0f, y0f = jnp.floor(px), jnp.floor(py)
@@ -61,7 +63,7 @@ def _corners(flow: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Arra
   y0 = jnp.clip(y0f, -2, h).astype(jnp.int32)
   xs = jnp.stack([x0, x0 + 1, x0, x0 + 1], axis=-1)
   ys = jnp.stack([y0, y0, y0 + 1, y0 + 1], axis=-1)
-  inside = ((xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)).astype(_F32)
+  inside = ((xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)).astype(cdt)
   wx = jnp.stack([1 - fx, fx, 1 - fx, fx], axis=-1)
   wy = jnp.stack([1 - fy, 1 - fy, fy, fy], axis=-1)
   index = jnp.clip(ys, 0, h - 1) * w + jnp.clip(xs, 0, w - 1)
@@ -77,21 +79,28 @@ def _mask_from_weights(weight: jax.Array, shape: tuple[int, int, int]) -> jax.Ar
   return (jnp.sum(weight, axis=-1) >= MASK_THRESHOLD).astype(_F32).reshape(shape)
 
 
-def warp_reference(image: jax.Array, flow: jax.Array) -> jax.Array:
-  """Same result as `warp`, in plain jnp with one gather per corner and autodiff gradients (for tests)."""
-  _check(image, flow, "warp_reference")
+@jax.jit
+def _warp_reference_jit(image: jax.Array, flow: jax.Array) -> jax.Array:
   b, h, w, c = image.shape
   index, weight, _, _, _ = _corners(flow)
   flat = image.reshape(b, h * w, c)
-  out = sum(weight[..., k, None] * _gather(flat, index[..., k]).astype(_F32) for k in range(4))
+  acc = jnp.result_type(weight.dtype, image.dtype)
+  out = sum(weight[..., k, None] * _gather(flat, index[..., k]).astype(acc) for k in range(4))
   return out.reshape(b, h, w, c).astype(image.dtype)
+
+
+def warp_reference(image: jax.Array, flow: jax.Array) -> jax.Array:
+  """Same result as `warp`, in plain jnp with one gather per corner and autodiff gradients (for tests)."""
+  _check(image, flow, "warp_reference")
+  return _warp_reference_jit(image, flow)
 
 
 def _warp_fwd_core(image: jax.Array, flow: jax.Array):
   b, h, w, c = image.shape
   index, weight, inside, fx, fy = _corners(flow)
   vals = _gather(image.reshape(b, h * w, c), index.reshape(b, h * w * 4)).reshape(b, h * w, 4, c)
-  out = jnp.sum(weight[..., None] * vals.astype(_F32), axis=2)
+  acc = jnp.result_type(weight.dtype, image.dtype)
+  out = jnp.sum(weight[..., None] * vals.astype(acc), axis=2)
   return out.reshape(b, h, w, c).astype(image.dtype), (index, weight, inside, fx, fy, vals)
 
 
@@ -110,20 +119,34 @@ def _warp_bwd(residuals, g):
   index, weight, inside, fx, fy, vals, flow_tag = residuals
   shape, image_dtype, flow_dtype = g.shape, g.dtype, flow_tag.dtype
   b, h, w, c = shape
-  g = g.astype(_F32).reshape(b, h * w, c)
+  acc = jnp.result_type(weight.dtype, image_dtype)
+  g = g.astype(acc).reshape(b, h * w, c)
   # Image gradient: every output pixel sends weight_k * g to its four source pixels, in one scatter-add.
   updates = (weight[..., None] * g[:, :, None, :]).reshape(b, h * w * 4, c)
-  grad_image = jax.vmap(lambda i, u: jnp.zeros((h * w, c), _F32).at[i].add(u, mode="drop"))(
+  grad_image = jax.vmap(lambda i, u: jnp.zeros((h * w, c), acc).at[i].add(u, mode="drop"))(
       index.reshape(b, h * w * 4), updates)
   # Flow gradient: d weight / d px and d weight / d py of each corner (outside corners are constant 0).
   dwx = jnp.stack([-(1 - fy), 1 - fy, -fy, fy], axis=-1) * inside
   dwy = jnp.stack([-(1 - fx), -fx, 1 - fx, fx], axis=-1) * inside
-  gv = jnp.sum(g[:, :, None, :] * vals.astype(_F32), axis=-1)  # (B, HW, 4)
+  gv = jnp.sum(g[:, :, None, :] * vals.astype(acc), axis=-1)  # (B, HW, 4)
   grad_flow = jnp.stack([jnp.sum(gv * dwx, -1), jnp.sum(gv * dwy, -1)], axis=-1)
   return grad_image.reshape(shape).astype(image_dtype), grad_flow.reshape(b, h, w, 2).astype(flow_dtype)
 
 
 _warp.defvjp(_warp_fwd, _warp_bwd)
+
+
+@jax.jit
+def _warp_jit(image: jax.Array, flow: jax.Array) -> jax.Array:
+  # Jitted so eager calls compile once instead of dispatching ~50 primitives one by one; inlined under jit.
+  return _warp(image, flow)
+
+
+@jax.jit
+def _warp_with_mask_jit(image: jax.Array, flow: jax.Array) -> tuple[jax.Array, jax.Array]:
+  b, h, w, _ = image.shape
+  _, weight, _, _, _ = _corners(jax.lax.stop_gradient(flow))
+  return _warp(image, flow), _mask_from_weights(weight, (b, h, w))
 
 
 def warp(image: jax.Array, flow: jax.Array) -> jax.Array:
@@ -139,7 +162,7 @@ def warp(image: jax.Array, flow: jax.Array) -> jax.Array:
     only (zero padding). Differentiable in both arguments (custom VJP, tested against `warp_reference`).
   """
   _check(image, flow, "warp")
-  return _warp(image, flow)
+  return _warp_jit(image, flow)
 
 
 def warp_with_mask(image: jax.Array, flow: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -151,9 +174,7 @@ def warp_with_mask(image: jax.Array, flow: jax.Array) -> tuple[jax.Array, jax.Ar
   PWC-Net multiplies it by the mask, which callers do explicitly.
   """
   _check(image, flow, "warp_with_mask")
-  b, h, w, _ = image.shape
-  _, weight, _, _, _ = _corners(jax.lax.stop_gradient(flow))
-  return _warp(image, flow), _mask_from_weights(weight, (b, h, w))
+  return _warp_with_mask_jit(image, flow)
 
 
 __all__ = ["MASK_THRESHOLD", "warp", "warp_reference", "warp_with_mask"]
