@@ -15,8 +15,9 @@ all bilinear corners with non-zero weight are valid and inside the source (fill 
 source data become invalid. `occlusion`, when present, is sampled the same way (> 0.5) and set to 1 where the
 pixel's target x + new_flow(x) falls outside the output crop (out of view in the new frame 2).
 
-All per-pixel fields of frame 1 are resampled in one fused ImageProjectiveTransformV3 call (channels stacked),
-frame 2 in a second one.
+Speed: all per-pixel fields of frame 1 (image, flow, valid, occlusion) are stacked and resampled with one set of
+bilinear coordinates and gathers, frame 2 in the same XLA-compiled function, which also applies the photometric
+changes; only the Gaussian noise is drawn outside XLA (TF's CPU RNG kernel is much faster than XLA's).
 
 Ranges (defaults from the FlowNet paper, sec. 4.? "Data augmentation" of the journal text):
   - translation: uniform in [-20 %, 20 %] of the image *width*, for x and for y (the paper's wording);
@@ -53,7 +54,7 @@ import ml_collections
 import tensorflow as tf
 
 AUGMENT_TAG = 0x41554731  # separates augmentation keys from other consumers of (seed, index)
-_VALID_EPS = 1e-4
+_FIT_MARGIN = 0.01  # pixels kept between a fitted crop's footprint and the source border
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -149,9 +150,11 @@ def affine_maps(params: dict[str, tf.Tensor], source_size: tuple[Any, Any], crop
   centre = half_src + tf.stack([params["tx"], params["ty"]]) * w
   if config.fit_crop:
     ext = _half_extent(m1, half_out)[:, 0]
-    k = tf.maximum(tf.reduce_max(ext / tf.maximum(half_src, 1e-9)), 1.0)  # extra zoom so the crop fits
+    room = tf.maximum(half_src - _FIT_MARGIN, 1e-9)  # keep float32 rounding off the source border
+    # Extra zoom so the crop fits (none when it already fits, e.g. identity maps).
+    k = tf.where(tf.reduce_max(ext / tf.maximum(half_src, 1e-9)) > 1.0, tf.reduce_max(ext / room), 1.0)
     m1 = m1 / k
-    ext = ext / k
+    ext = ext / k + _FIT_MARGIN
     centre = tf.clip_by_value(centre, tf.minimum(ext, half_src), tf.maximum(half_src * 2 - ext, half_src))
   t1 = centre - tf.linalg.matvec(m1, half_out)
   # Relative transform about the crop centre, in output pixels: Rel(x) = ctr + Mr (x - ctr) + tr.
@@ -160,24 +163,48 @@ def affine_maps(params: dict[str, tf.Tensor], source_size: tuple[Any, Any], crop
   m2 = m1 @ mr
   centre2 = centre + tf.linalg.matvec(m1, tr)
   if config.fit_crop:
-    ext2 = _half_extent(m2, half_out)[:, 0]
+    ext2 = _half_extent(m2, half_out)[:, 0] + _FIT_MARGIN
     centre2 = tf.clip_by_value(centre2, tf.minimum(ext2, half_src), tf.maximum(half_src * 2 - ext2, half_src))
   t2 = centre2 - tf.linalg.matvec(m2, half_out)
   return m1, t1, m2, t2
 
 
-def _transform_vector(m: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
-  return tf.cast(tf.stack([m[0, 0], m[0, 1], t[0], m[1, 0], m[1, 1], t[1], 0.0, 0.0]), tf.float32)
+def _sample(flat: tf.Tensor, h: tf.Tensor, w: tf.Tensor, px: tf.Tensor, py: tf.Tensor,
+            valid_channel: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+  """Bilinear samples of flat (H*W, C) at float pixel coords px, py (N,) -> (values (N, C), ok (N,) bool).
+
+  Pixel centres are at integer coordinates; corners outside the image contribute 0. ok is True where every
+  corner with non-zero weight is inside the image (and, with valid_channel, has that channel > 0).
+  """
+  x0, y0 = tf.floor(px), tf.floor(py)
+  ax, ay = px - x0, py - y0
+  x0i, y0i = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+  total = None
+  ok = tf.ones_like(px, dtype=tf.bool)
+  for dy, wy in ((0, 1.0 - ay), (1, ay)):
+    for dx, wx in ((0, 1.0 - ax), (1, ax)):
+      xi, yi = x0i + dx, y0i + dy
+      inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+      idx = tf.clip_by_value(yi, 0, h - 1) * w + tf.clip_by_value(xi, 0, w - 1)
+      weight = wx * wy
+      vals = tf.gather(flat, idx) * tf.cast(inside, flat.dtype)[:, None]
+      good = inside if valid_channel is None else inside & (vals[:, valid_channel] > 0)
+      ok = ok & (good | (weight == 0))
+      term = vals * weight[:, None]
+      total = term if total is None else total + term
+  return total, ok
 
 
-def resample(image: tf.Tensor, m: tf.Tensor, t: tf.Tensor, crop_size: tuple[int, int],
-             interpolation: str = "BILINEAR") -> tf.Tensor:
+def resample(image: tf.Tensor, m: tf.Tensor, t: tf.Tensor, crop_size: tuple[int, int]) -> tf.Tensor:
   """out(x) = image(M x + t), bilinear at integer pixel centres, 0 outside. image (H, W, C) -> (hc, wc, C)."""
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=_transform_vector(m, t)[None],
-      output_shape=tf.constant(crop_size, tf.int32), fill_value=0.0, interpolation=interpolation,
-      fill_mode="CONSTANT")
-  return out[0]
+  hc, wc = int(crop_size[0]), int(crop_size[1])
+  m, t = tf.cast(m, tf.float32), tf.cast(t, tf.float32)
+  ys, xs = tf.meshgrid(tf.range(hc, dtype=tf.float32), tf.range(wc, dtype=tf.float32), indexing="ij")
+  xs, ys = tf.reshape(xs, [-1]), tf.reshape(ys, [-1])
+  shape = tf.shape(image)
+  flat = tf.reshape(image, [-1, shape[2]])
+  vals, _ = _sample(flat, shape[0], shape[1], m[0, 0] * xs + m[0, 1] * ys + t[0], m[1, 0] * xs + m[1, 1] * ys + t[1])
+  return tf.reshape(vals, [hc, wc, -1])
 
 
 def photometric(image: tf.Tensor, brightness: Any, contrast: Any, color: Any, gamma: Any,
@@ -214,15 +241,83 @@ def augment_example(element: dict[str, tf.Tensor], seed: Any, index: Any, config
   params = sample_params(seed, index, config)
   shape = tf.shape(im1)
   m1, t1, m2, t2 = affine_maps(params, (shape[0], shape[1]), (hc, wc), config)
-  out = apply_geometric(element, m1, t1, m2, t2, (hc, wc))
-  new_im1, new_im2 = out["image1"], out["image2"]
-  if config.photometric:
-    new_im1 = photometric(new_im1, params["brightness1"], params["contrast1"], params["color1"],
-                          params["gamma1"], params["noise_sigma"], params["noise_key1"])
-    new_im2 = photometric(new_im2, params["brightness2"], params["contrast2"], params["color2"],
-                          params["gamma2"], params["noise_sigma"], params["noise_key2"])
-  out["image1"], out["image2"] = new_im1, new_im2
-  return out
+  p1 = tf.concat([tf.stack([params["brightness1"], params["contrast1"]]), params["color1"],
+                  tf.stack([params["gamma1"], params["noise_sigma"]])], 0)
+  p2 = tf.concat([tf.stack([params["brightness2"], params["contrast2"]]), params["color2"],
+                  tf.stack([params["gamma2"], params["noise_sigma"]])], 0)
+  kernel = _kernel(hc, wc, "occlusion" in element, bool(config.photometric))
+  return kernel(_stack_frame1(element), tf.cast(im2, tf.float32), _geometry_vector(m1, t1, m2, t2),
+                tf.cast(p1, tf.float32), tf.cast(p2, tf.float32),
+                tf.stack([params["noise_key1"], params["noise_key2"]]))
+
+
+def _geometry_vector(m1: tf.Tensor, t1: tf.Tensor, m2: tf.Tensor, t2: tf.Tensor) -> tf.Tensor:
+  """float32 (18,): m1 (4), t1 (2), m2 (4), t2 (2), M2^-1 (4)... packed for the fused kernel, with
+  D = M2^-1 M1 - I and e = M2^-1 (t1 - t2) computed in float64 (so identity maps give exact zeros)."""
+  m2_inv = tf.linalg.inv(m2)
+  d = m2_inv @ m1 - tf.eye(2, dtype=tf.float64)
+  e = tf.linalg.matvec(m2_inv, t1 - t2)
+  parts = [tf.reshape(m1, [-1]), t1, tf.reshape(m2, [-1]), t2, tf.reshape(m2_inv, [-1]), tf.reshape(d, [-1]), e]
+  return tf.cast(tf.concat(parts, 0), tf.float32)
+
+
+_KERNELS: dict[tuple, Any] = {}
+
+
+def _kernel(hc: int, wc: int, has_occ: bool, photo: bool):
+  """The fused per-example resampling (+ photometric) function for one crop size, XLA-compiled."""
+  key = (hc, wc, has_occ, photo)
+  if key in _KERNELS:
+    return _KERNELS[key]
+
+  def run(f1, im2, geo, p1, p2):
+    h1, w1 = tf.shape(f1)[0], tf.shape(f1)[1]
+    h2, w2 = tf.shape(im2)[0], tf.shape(im2)[1]
+    ys, xs = tf.meshgrid(tf.range(hc, dtype=tf.float32), tf.range(wc, dtype=tf.float32), indexing="ij")
+    xs, ys = tf.reshape(xs, [-1]), tf.reshape(ys, [-1])
+    m1, t1, m2, t2, mi, d, e = geo[0:4], geo[4:6], geo[6:10], geo[10:12], geo[12:16], geo[16:20], geo[20:22]
+    vals, ok = _sample(tf.reshape(f1, [h1 * w1, -1]), h1, w1, m1[0] * xs + m1[1] * ys + t1[0],
+                       m1[2] * xs + m1[3] * ys + t1[1], valid_channel=5)
+    im2_vals, _ = _sample(tf.reshape(im2, [h2 * w2, 3]), h2, w2, m2[0] * xs + m2[1] * ys + t2[0],
+                          m2[2] * xs + m2[3] * ys + t2[1])
+    fu, fv = vals[:, 3], vals[:, 4]
+    # new_flow = M2^-1 f + (M2^-1 M1 - I) x + M2^-1 (t1 - t2)
+    u = mi[0] * fu + mi[1] * fv + (d[0] * xs + d[1] * ys + e[0])
+    v = mi[2] * fu + mi[3] * fv + (d[2] * xs + d[3] * ys + e[1])
+    valid = tf.cast(ok, tf.float32)
+    out = {"image1": tf.reshape(vals[:, :3], [hc, wc, 3]), "image2": tf.reshape(im2_vals, [hc, wc, 3]),
+           "flow": tf.reshape(tf.stack([u, v], -1) * valid[:, None], [hc, wc, 2]),
+           "valid": tf.reshape(valid, [hc, wc])}
+    if has_occ:
+      tx, ty = xs + u, ys + v
+      out_of_view = (tx < 0) | (tx > wc - 1) | (ty < 0) | (ty > hc - 1)
+      out["occlusion"] = tf.reshape(tf.cast((vals[:, 6] > 0.5) | out_of_view, tf.float32), [hc, wc])
+    if photo:  # noise is added outside XLA: TF's multi-threaded RNG kernel is ~10x faster on CPU
+      out["image1"] = photometric(out["image1"], p1[0], p1[1], p1[2:5], p1[5], 0.0, None)
+      out["image2"] = photometric(out["image2"], p2[0], p2[1], p2[2:5], p2[5], 0.0, None)
+    return out
+
+  xla = tf.function(run, jit_compile=True, autograph=False)
+
+  def fn(f1, im2, geo, p1, p2, keys):
+    out = xla(f1, im2, geo, p1, p2)
+    if photo:
+      for i, k in enumerate(("image1", "image2")):
+        noise = tf.random.stateless_normal([hc, wc, 3], keys[i]) * (p1, p2)[i][6]
+        out[k] = tf.clip_by_value(out[k] + noise, 0.0, 1.0)
+    return out
+
+  _KERNELS[key] = fn
+  return fn
+
+
+def _stack_frame1(element: dict[str, tf.Tensor]) -> tf.Tensor:
+  valid = tf.cast(element["valid"] > 0, tf.float32)
+  flow = tf.where(valid[..., None] > 0, element["flow"], 0.0)  # no garbage (NaN, 1e10) from invalid pixels
+  fields = [tf.cast(element["image1"], tf.float32), flow, valid[..., None]]
+  if "occlusion" in element:
+    fields.append(tf.cast(element["occlusion"], tf.float32)[..., None])
+  return tf.concat(fields, axis=-1)
 
 
 def apply_geometric(element: dict[str, tf.Tensor], m1: tf.Tensor, t1: tf.Tensor, m2: tf.Tensor, t2: tf.Tensor,
@@ -230,34 +325,13 @@ def apply_geometric(element: dict[str, tf.Tensor], m1: tf.Tensor, t1: tf.Tensor,
   """Resamples an element with output->source maps A1 = (m1, t1) (frame 1 fields) and A2 = (m2, t2) (frame 2).
 
   m1, m2: float64 (2, 2); t1, t2: float64 (2,), in pixels (x, y). Returns the element at crop_size (hc, wc)
-  with the exact new flow, valid and occlusion (see the module docstring).
+  with the exact new flow, valid and occlusion (see the module docstring). No photometric changes.
   """
   hc, wc = int(crop_size[0]), int(crop_size[1])
-  im1, im2, flow, valid = element["image1"], element["image2"], element["flow"], element["valid"]
-  valid = tf.cast(valid > 0, tf.float32)
-  flow = tf.where(valid[..., None] > 0, flow, 0.0)  # no garbage (NaN, 1e10) from invalid pixels
-  fields = [im1, flow, valid[..., None]]
-  has_occ = "occlusion" in element
-  if has_occ:
-    fields.append(tf.cast(element["occlusion"], tf.float32)[..., None])
-  stacked = resample(tf.concat(fields, axis=-1), m1, t1, (hc, wc))
-  f, v = stacked[..., 3:5], stacked[..., 5]
-  # new_flow = M2^-1 f + (M2^-1 M1 - I) x + M2^-1 (t1 - t2)  (float64 matrices, float32 per pixel)
-  m2_inv = tf.linalg.inv(m2)
-  d = tf.cast(m2_inv @ m1 - tf.eye(2, dtype=tf.float64), tf.float32)
-  e = tf.cast(tf.linalg.matvec(m2_inv, t1 - t2), tf.float32)
-  m2_inv = tf.cast(m2_inv, tf.float32)
-  ys, xs = tf.meshgrid(tf.range(hc, dtype=tf.float32), tf.range(wc, dtype=tf.float32), indexing="ij")
-  u = m2_inv[0, 0] * f[..., 0] + m2_inv[0, 1] * f[..., 1] + (d[0, 0] * xs + d[0, 1] * ys + e[0])
-  w = m2_inv[1, 0] * f[..., 0] + m2_inv[1, 1] * f[..., 1] + (d[1, 0] * xs + d[1, 1] * ys + e[1])
-  new_valid = tf.cast(v >= 1.0 - _VALID_EPS, tf.float32)
-  out = {"image1": stacked[..., :3], "image2": resample(im2, m2, t2, (hc, wc)),
-         "flow": tf.stack([u, w], axis=-1) * new_valid[..., None], "valid": new_valid}
-  if has_occ:
-    tx, ty = xs + u, ys + w
-    out_of_view = (tx < 0) | (tx > wc - 1) | (ty < 0) | (ty > hc - 1)
-    out["occlusion"] = tf.cast((stacked[..., 6] > 0.5) | out_of_view, tf.float32)
-  return out
+  kernel = _kernel(hc, wc, "occlusion" in element, False)
+  zeros = tf.zeros([7], tf.float32)
+  return kernel(_stack_frame1(element), tf.cast(element["image2"], tf.float32),
+                _geometry_vector(m1, t1, m2, t2), zeros, zeros, tf.zeros([2, 2], tf.int64))
 
 
 @tf.autograph.experimental.do_not_convert  # static Python control flow only: plain tracing is faster
