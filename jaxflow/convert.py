@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import sys
 from typing import Any, Mapping, Sequence
@@ -86,7 +85,7 @@ def build_config(fields: Mapping[str, Any], config_arg: str | None = None) -> An
   """configs/<model>.py get_config(config_arg) with `model` replaced by the converted model's fields."""
   module = importlib.import_module(f"configs.{fields['name']}")
   c = module.get_config(config_arg) if config_arg else module.get_config()
-  with c.unlocked() if hasattr(c, "unlocked") else _nullcontext():
+  with c.unlocked():
     for key, value in fields.items():
       if key == "name":
         continue
@@ -100,14 +99,6 @@ def build_config(fields: Mapping[str, Any], config_arg: str | None = None) -> An
       c.trainable_levels = ()
     c.init_from = ""
   return c
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 def write_checkpoint(out: str, config: Any, variables: Mapping[str, Any], *, force: bool = False) -> str:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
 from jaxflow.converters.common import ConversionError, conv_kernel, deconv_kernel, vector
 from jaxflow.converters.torch_state import StateDict, load_state_dict
 
