@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import math
 import os
 import pathlib
@@ -44,6 +45,7 @@ from data_pipelines import assets
 
 # Reference width (px) of the motion parameters: pixel displacements are scaled by image width / 512.
 REFERENCE_WIDTH = 512
+_GENERATORS: dict[str, Callable] = {}  # make_generator memo, keyed by the config's JSON.
 _SALT = 0x43484149  # "CHAI": separates this module's random stream from others keyed by (seed, index).
 
 
@@ -131,20 +133,15 @@ def _window_sizes(cfg: ml_collections.ConfigDict, content_radius: float, stretch
   return out
 
 
-def draw_parameters(cfg: ml_collections.ConfigDict, num_backgrounds: int, num_sprites: int, seed: tf.Tensor,
-                    index: tf.Tensor) -> dict[str, tf.Tensor]:
-  """All random numbers of example `index`: a pure function of (seed, index) via stateless Philox draws.
+def draw_random(cfg: ml_collections.ConfigDict, num_backgrounds: int, num_sprites: int, seed: tf.Tensor,
+                index: tf.Tensor) -> dict[str, tf.Tensor]:
+  """The raw random draws of example `index`: stateless Philox, a pure function of (seed, index).
 
-  Returns affine maps as (A, t) with x' = A @ x + t on (x, y) pixel coordinates: `bg_crop` (2,) offset of
-  the frame-1 crop in the background photo, `bg` (T_bg), chair placements `c1` (sprite -> frame 1), `c2`
-  (sprite -> frame 2), chair motions `g` (frame 1 -> frame 2, = T_bg o M_k), `active` (Kmax,) bool, depth
-  `rank` (Kmax,) int32 (a permutation; higher is in front),
-  `background` and `sprite` indices.
+  Only integer seed derivation and the random kernels run here (bit-exact in eager, graph or tf.data); all
+  float arithmetic on the draws happens in `parameters_from_draws`, inside the XLA-compiled renderer, so the
+  output bytes do not depend on how TensorFlow optimises the surrounding graph.
   """
-  h, w = cfg.image_size
-  m = cfg.motion
   kmin, kmax = int(cfg.num_chairs[0]), int(cfg.num_chairs[1])
-  px = w / REFERENCE_WIDTH  # Pixel magnitudes scale with the image width.
   seed = tf.cast(seed, tf.int64)
   index = tf.cast(index, tf.int64)
   key = tf.random.experimental.stateless_fold_in(tf.stack([seed, tf.constant(_SALT, tf.int64)]), index,
@@ -156,16 +153,46 @@ def draw_parameters(cfg: ml_collections.ConfigDict, num_backgrounds: int, num_sp
   def uniform(i, shape):
     return tf.random.stateless_uniform(shape, sub(i), alg="philox")
 
-  def tnormal(i, shape):
-    return tf.clip_by_value(tf.random.stateless_normal(shape, sub(i), alg="philox"), -m.truncation, m.truncation)
+  def normal(i, shape):
+    return tf.random.stateless_normal(shape, sub(i), alg="philox")
 
+  count = tf.random.stateless_uniform([], sub(3), kmin, kmax + 1, dtype=tf.int32, alg="philox")
+  # Depth ranks: a random permutation (higher = in front); the chairs of rank < count are drawn. Slot k belongs
+  # to size class k * classes // kmax (see _size_classes); ranks are independent of the class.
+  rank = tf.cast(tf.argsort(tf.argsort(uniform(7, [kmax]))), tf.int32)
+  return {
+      "background": tf.random.stateless_uniform([], sub(0), 0, num_backgrounds, dtype=tf.int32, alg="philox"),
+      "bg_u": uniform(1, [4]), "bg_n": normal(2, [5]), "rank": rank, "active": rank < count,
+      "sprite": tf.random.stateless_uniform([kmax], sub(4), 0, num_sprites, dtype=tf.int32, alg="philox"),
+      "chair_u": uniform(5, [kmax, 7]), "chair_n": normal(6, [kmax, 5])}
+
+
+def draw_parameters(cfg: ml_collections.ConfigDict, num_backgrounds: int, num_sprites: int, seed: tf.Tensor,
+                    index: tf.Tensor) -> dict[str, tf.Tensor]:
+  """The scene parameters of example `index` (see `parameters_from_draws`), outside XLA (for inspection)."""
+  return parameters_from_draws(cfg, draw_random(cfg, num_backgrounds, num_sprites, seed, index))
+
+
+def parameters_from_draws(cfg: ml_collections.ConfigDict, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """Scene parameters from the raw draws of `draw_random`.
+
+  Returns affine maps as (A, t) with x' = A @ x + t on (x, y) pixel coordinates: `bg_crop` (2,) offset of
+  the frame-1 crop in the background photo, `bg` (T_bg), chair placements `c1` (sprite -> frame 1), `c2`
+  (sprite -> frame 2), chair motions `g` (frame 1 -> frame 2, = T_bg o M_k), `active` (Kmax,) bool, depth
+  `rank` (Kmax,) int32 (a permutation; higher is in front), `background` and `sprite` indices.
+  """
+  h, w = cfg.image_size
+  m = cfg.motion
+  kmax = int(cfg.num_chairs[1])
+  px = w / REFERENCE_WIDTH  # Pixel magnitudes scale with the image width.
   hb = int(round(h * cfg.background_scale))
   wb = int(round(w * cfg.background_scale))
+  rank, active, background, sprite = raw["rank"], raw["active"], raw["background"], raw["sprite"]
+  t = m.truncation
   # Background: photo, crop offset and motion about the image centre.
-  background = tf.random.stateless_uniform([], sub(0), 0, num_backgrounds, dtype=tf.int32, alg="philox")
-  u = uniform(1, [4])
+  u = raw["bg_u"]
   crop = tf.stack([u[0] * (wb - w), u[1] * (hb - h)])
-  n = tnormal(2, [5])
+  n = tf.clip_by_value(raw["bg_n"], -t, t)
   bg_t = n[0:2] * _loguniform(u[2], *m.bg_translation_sigma) * px
   bg_rot = n[2] * _loguniform(u[3], *m.bg_rotation_sigma) * (math.pi / 180.0)
   bg_a = _similarity(tf.exp(n[3] * m.bg_zoom_sigma + n[4] * m.bg_squeeze_sigma),
@@ -173,13 +200,7 @@ def draw_parameters(cfg: ml_collections.ConfigDict, num_backgrounds: int, num_sp
   centre = tf.constant([(w - 1) / 2.0, (h - 1) / 2.0])
   bg_b = centre + bg_t - tf.linalg.matvec(bg_a, centre)
   # Chairs.
-  count = tf.random.stateless_uniform([], sub(3), kmin, kmax + 1, dtype=tf.int32, alg="philox")
-  # Depth ranks: a random permutation (rank K-1 in front); the `count` front-most... chairs of lowest rank
-  # are drawn. Slot k belongs to size class k * classes // kmax (see _size_classes); ranks are independent of it.
-  rank = tf.cast(tf.argsort(tf.argsort(uniform(7, [kmax]))), tf.int32)
-  active = rank < count
-  sprite = tf.random.stateless_uniform([kmax], sub(4), 0, num_sprites, dtype=tf.int32, alg="philox")
-  u = uniform(5, [kmax, 7])
+  u = raw["chair_u"]
   pos = tf.stack([u[:, 0] * w, u[:, 1] * h], -1) - 0.5
   # Log-uniform size, stratified by slot class so the renderer can use smaller windows for smaller classes;
   # with equal class counts the marginal is exactly log-uniform over chair_size.
@@ -192,7 +213,7 @@ def draw_parameters(cfg: ml_collections.ConfigDict, num_backgrounds: int, num_sp
   c1_a = _similarity(scale * flip, scale, angle)
   sc = (cfg.sprite_size - 1) / 2.0
   c1_b = pos - tf.linalg.matvec(c1_a, tf.fill([kmax, 2], sc))
-  n = tnormal(6, [kmax, 5])
+  n = tf.clip_by_value(raw["chair_n"], -t, t)
   ch_t = n[:, 0:2] * _loguniform(u[:, 5], *m.chair_translation_sigma)[:, None] * px
   ch_rot = n[:, 2] * _loguniform(u[:, 6], *m.chair_rotation_sigma) * (math.pi / 180.0)
   ch_a = _similarity(tf.exp(n[:, 3] * m.chair_zoom_sigma + n[:, 4] * m.chair_squeeze_sigma),
@@ -309,7 +330,8 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
     return tf.cast(tf.reshape(canvas[pad:pad + h, pad:pad + w], [-1]), tf.int32)
 
   @tf.function(jit_compile=True)
-  def render(p, backgrounds, sprite_rgb, sprite_alpha):
+  def render(raw, backgrounds, sprite_rgb, sprite_alpha):
+    p = parameters_from_draws(cfg, raw)
     # Assets arrive packed: colours as int32 r + 256 g + 65536 b, sprite alpha separately.
     alpha_sel = tf.gather(sprite_alpha, p["sprite"])  # (K, S, S) uint8
     # One colour table: the photo's pixels, then the selected sprites' pixels.
@@ -394,10 +416,14 @@ def make_generator(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor, tf
   gen takes int64 scalar tensors (Python ints work too) and returns TF tensors: image1, image2 float32
   (H, W, 3) in [0, 1]; flow float32 (H, W, 2) in pixels (u right, v down, frame 1 -> frame 2); valid float32
   (H, W) of ones; occlusion float32 (H, W), 1 = occluded or out of view in frame 2. Graph-mode safe (use it in
-  tf.data.Dataset.map); the output is a pure function of (seed, index).
+  tf.data.Dataset.map); the output is a pure function of (seed, index). Generators are memoised per config
+  within a process (user folders are read once).
   """
   cfg = config
   _check_config(cfg)
+  key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+  if key in _GENERATORS:  # Same config in this process: reuse the assets and the compiled renderer.
+    return _GENERATORS[key]
   h, w = (int(v) for v in cfg.image_size)
   bg_size = (int(round(h * cfg.background_scale)), int(round(w * cfg.background_scale)))
   backgrounds = assets.get_backgrounds(cfg.backgrounds_dir, bg_size, num_procedural=cfg.num_procedural_backgrounds,
@@ -413,9 +439,10 @@ def make_generator(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor, tf
   cfg = ml_collections.ConfigDict(cfg.to_dict())  # Snapshot: later edits of `config` do not leak in.
 
   def gen(seed: tf.Tensor, index: tf.Tensor) -> dict[str, tf.Tensor]:
-    params = draw_parameters(cfg, nb, ns, seed, index)
+    params = draw_random(cfg, nb, ns, seed, index)
     return render(params, bg_t, sp_rgb, sp_alpha)
 
+  _GENERATORS[key] = gen
   return gen
 
 
