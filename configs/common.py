@@ -175,6 +175,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     for key in ("dataset", "batch_size", "num_batches"):
       if key not in ev:
         raise ValueError(f"config.evals.{name} needs the key {key!r} (has {sorted(ev.keys())})")
+  from jaxflow.models import get_model
+  get_model(c.model.name, **{k: v for k, v in c.model.items() if k != "name"})  # unknown model / field: ValueError
   if c.evals and c.best_metric and not any(c.best_metric.startswith(f"{n}/") for n in c.evals):
     raise ValueError(f"config.best_metric={c.best_metric!r} does not name one of config.evals {sorted(c.evals)}")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--config is required, e.g. --config configs/pwcnet.py:local")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   from jaxflow import parallel
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   auto=FLAGS.distributed_auto)
