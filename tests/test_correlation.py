@@ -139,7 +139,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
   # And it is within bf16 input rounding of the float32 result.
   np.testing.assert_allclose(np.asarray(out), numpy_correlation(f1, f2, md, 1), atol=3e-2)
   # Gradients come back in the input dtype.
-  d1, d2 = jax.grad(lambda a, b: jnp.sum(correlation(a, b, md)), argnums=(0, 1))(b1, b2)
+  d1, d2 = jax.jit(jax.grad(lambda a, b: jnp.sum(correlation(a, b, md)), argnums=(0, 1)))(b1, b2)
   assert d1.dtype == jnp.bfloat16 and d2.dtype == jnp.bfloat16
 
 

@@ -120,7 +120,7 @@ def test_custom_gradients_match_autodiff_reference():
   image, flow = _random((2, 10, 13, 3), 4)
   g = np.random.default_rng(5).normal(size=image.shape).astype(np.float32)
   fast = jax.jit(jax.grad(lambda i, f: jnp.sum(warp(i, f) * g), argnums=(0, 1)))(image, flow)
-  ref = jax.grad(lambda i, f: jnp.sum(warp_reference(i, f) * g), argnums=(0, 1))(image, flow)
+  ref = jax.jit(jax.grad(lambda i, f: jnp.sum(warp_reference(i, f) * g), argnums=(0, 1)))(image, flow)
   for a, r in zip(fast, ref):
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5)
 
@@ -154,7 +154,7 @@ def test_image_gradient_is_the_adjoint_of_sampling():
   # <warp(I, F), G> = <I, warp^T(G)>: the image gradient must equal the scatter of G by the bilinear weights.
   image, flow = _random((1, 6, 8, 2), 7)
   g = np.random.default_rng(8).normal(size=image.shape)
-  grad_image = np.asarray(jax.grad(lambda i: jnp.sum(warp(i, jnp.asarray(flow)) * g))(jnp.asarray(image)))
+  grad_image = np.asarray(jax.jit(jax.grad(lambda i: jnp.sum(warp(i, jnp.asarray(flow)) * g)))(jnp.asarray(image)))
   expected = np.zeros(image.shape)
   for y in range(6):
     for x in range(8):
@@ -187,7 +187,8 @@ def test_bfloat16_image_samples_with_float32_coordinates():
   ref = warp(b16.astype(jnp.float32), jnp.asarray(fl))
   np.testing.assert_allclose(np.asarray(warp(b16, jnp.asarray(fl)).astype(jnp.float32)), np.asarray(ref),
                              rtol=1e-2, atol=1e-2)
-  gi, gf = jax.grad(lambda i, f: jnp.sum(warp(i, f).astype(jnp.float32)), argnums=(0, 1))(b16, jnp.asarray(fl))
+  grad = jax.jit(jax.grad(lambda i, f: jnp.sum(warp(i, f).astype(jnp.float32)), argnums=(0, 1)))
+  gi, gf = grad(b16, jnp.asarray(fl))
   assert gi.dtype == jnp.bfloat16 and gf.dtype == jnp.float32
 
 
@@ -203,7 +204,7 @@ def test_vmap_matches_loop():
   rng = np.random.default_rng(10)
   image = rng.normal(size=(3, 2, 6, 7, 2)).astype(np.float32)
   flow = (rng.normal(size=(3, 2, 6, 7, 2)) * 3).astype(np.float32)
-  out = jax.vmap(warp)(jnp.asarray(image), jnp.asarray(flow))
+  out = jax.jit(jax.vmap(warp))(jnp.asarray(image), jnp.asarray(flow))
   for t in range(3):
     np.testing.assert_allclose(np.asarray(out[t]), numpy_warp(image[t], flow[t])[0], rtol=1e-5, atol=1e-5)
 
