@@ -25,8 +25,8 @@ Departures from the released code, all deliberate:
   - FlowNetC runs its siamese tower once on the two frames concatenated along the batch axis (same
     weights, one kernel launch per layer). With batch_norm=True the statistics are therefore computed over
     both frames together instead of each frame separately.
-  - Sizes that are not multiples of 64 are resized up to the next multiple (FlowNet2 does the same in its
-    inference scripts), and the flows are rescaled to the caller's pixels.
+  - Sizes that are not multiples of 64 are resized up to the next multiple and the flows rescaled to the
+    caller's pixels, as the released Caffe deploy networks do (the PyTorch scripts crop instead).
 """
 
 from __future__ import annotations
