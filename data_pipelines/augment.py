@@ -16,8 +16,8 @@ source data become invalid. `occlusion`, when present, is sampled the same way (
 pixel's target x + new_flow(x) falls outside the output crop (out of view in the new frame 2).
 
 Speed: all per-pixel fields of frame 1 (image, flow, valid, occlusion) are stacked and resampled with one set of
-bilinear coordinates and gathers, frame 2 in the same XLA-compiled function, which also applies the photometric
-changes; only the Gaussian noise is drawn outside XLA (TF's CPU RNG kernel is much faster than XLA's).
+bilinear coordinates and gathers, frame 2 in the same XLA-compiled function; a second XLA function applies the
+photometric changes; only the Gaussian noise is drawn outside XLA (TF's CPU RNG kernel is much faster than XLA's).
 
 Ranges (defaults from the FlowNet paper, sec. 4.? "Data augmentation" of the journal text):
   - translation: uniform in [-20 %, 20 %] of the image *width*, for x and for y (the paper's wording);
@@ -217,7 +217,8 @@ def photometric(image: tf.Tensor, brightness: Any, contrast: Any, color: Any, ga
   image = image * tf.cast(color, tf.float32) + tf.cast(brightness, tf.float32)
   mean = tf.reduce_mean(image)
   image = mean + (1.0 + tf.cast(contrast, tf.float32)) * (image - mean)
-  image = tf.pow(tf.clip_by_value(image, 0.0, 1.0), tf.cast(gamma, tf.float32))
+  # I^gamma as exp(gamma log I): 2-3x faster than pow under XLA on CPU; 0 maps to exp(-46 gamma) < 1e-13.
+  image = tf.exp(tf.cast(gamma, tf.float32) * tf.math.log(tf.clip_by_value(image, 1e-20, 1.0)))
   if noise_key is not None:
     image = image + tf.random.stateless_normal(tf.shape(image), noise_key) * tf.cast(noise_sigma, tf.float32)
   return tf.clip_by_value(image, 0.0, 1.0)
@@ -270,7 +271,7 @@ def _kernel(hc: int, wc: int, has_occ: bool, photo: bool):
   if key in _KERNELS:
     return _KERNELS[key]
 
-  def run(f1, im2, geo, p1, p2):
+  def run(f1, im2, geo):
     h1, w1 = tf.shape(f1)[0], tf.shape(f1)[1]
     h2, w2 = tf.shape(im2)[0], tf.shape(im2)[1]
     ys, xs = tf.meshgrid(tf.range(hc, dtype=tf.float32), tf.range(wc, dtype=tf.float32), indexing="ij")
@@ -292,16 +293,21 @@ def _kernel(hc: int, wc: int, has_occ: bool, photo: bool):
       tx, ty = xs + u, ys + v
       out_of_view = (tx < 0) | (tx > wc - 1) | (ty < 0) | (ty > hc - 1)
       out["occlusion"] = tf.reshape(tf.cast((vals[:, 6] > 0.5) | out_of_view, tf.float32), [hc, wc])
-    if photo:  # noise is added outside XLA: TF's multi-threaded RNG kernel is ~10x faster on CPU
-      out["image1"] = photometric(out["image1"], p1[0], p1[1], p1[2:5], p1[5], 0.0, None)
-      out["image2"] = photometric(out["image2"], p2[0], p2[1], p2[2:5], p2[5], 0.0, None)
     return out
 
+  def colour(im1, im2, p1, p2):
+    return (photometric(im1, p1[0], p1[1], p1[2:5], p1[5], 0.0, None),
+            photometric(im2, p2[0], p2[1], p2[2:5], p2[5], 0.0, None))
+
+  # Two XLA functions, not one: fused together, XLA recomputes the gathers inside the photometric mean
+  # reduction. Noise is added outside XLA: TF's multi-threaded RNG kernel is much faster on CPU.
   xla = tf.function(run, jit_compile=True, autograph=False)
+  xla_colour = tf.function(colour, jit_compile=True, autograph=False)
 
   def fn(f1, im2, geo, p1, p2, keys):
-    out = xla(f1, im2, geo, p1, p2)
+    out = xla(f1, im2, geo)
     if photo:
+      out["image1"], out["image2"] = xla_colour(out["image1"], out["image2"], p1, p2)
       for i, k in enumerate(("image1", "image2")):
         noise = tf.random.stateless_normal([hc, wc, 3], keys[i]) * (p1, p2)[i][6]
         out[k] = tf.clip_by_value(out[k] + noise, 0.0, 1.0)
