@@ -149,8 +149,9 @@ def _available_levels(container: Mapping[str, Any]) -> list[int]:
 def trainable_mask(params: Mapping[str, Any], trainable_levels: int | Iterable[int]) -> Any:
   """A pytree of bools with the structure of `params`: True for the leaves of G_k with k in `trainable_levels`.
 
-  For the paper's sequential training: `optax.masked(adam, trainable_mask(params, [k]))` or
-  `optax.multi_transform` with the mask mapped to labels updates level k only and freezes the others.
+  For the paper's sequential training (train G_k with the coarser levels frozen), map the mask to labels and
+  use `optax.multi_transform({'train': adam, 'freeze': optax.set_to_zero()}, labels)`. Note that
+  `optax.masked(adam, mask)` alone does NOT freeze: it passes the raw gradients of unmasked leaves through.
 
   Args:
     params: SpyNet params (`variables['params']`) or the whole variables dict {'params': ...}.
