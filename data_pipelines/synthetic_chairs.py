@@ -274,7 +274,7 @@ def _bilinear_packed(flat: tf.Tensor, base: tf.Tensor, height: tf.Tensor, width:
     for v, wt in taps:
       acc += tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(v, shift), 255), tf.float32) * wt
     chans.append(acc)
-  return tf.stack(chans, -1) * (1.0 / 255.0)
+  return tf.clip_by_value(tf.stack(chans, -1) * (1.0 / 255.0), 0.0, 1.0)  # Rounding could leave 1 + 1e-7.
 
 
 def _reflect(x: tf.Tensor, size: int) -> tf.Tensor:

@@ -69,7 +69,8 @@ def test_element_contract(gen):
   assert ex["valid"].shape == ex["occlusion"].shape == (96, 128)
   for v in ex.values():
     assert v.dtype == np.float32
-  assert 0.0 <= ex["image1"].min() and ex["image1"].max() <= 1.0
+  for key in ("image1", "image2"):
+    assert 0.0 <= ex[key].min() and ex[key].max() <= 1.0, key
   np.testing.assert_array_equal(ex["valid"], 1.0)
   assert set(np.unique(ex["occlusion"])) <= {0.0, 1.0}
 
