@@ -367,3 +367,41 @@ def test_synthetic_val_is_the_pipelines_held_out_set():
   assert r["epe"] > 0 and r["num_pairs_with_occlusion"] == 2
   with pytest.raises(ValueError, match="number of pairs"):
     evaluate.make_dataset("synthetic_val:/some/dir")
+
+
+def test_evaluators_from_config_match_numpy():
+  """jaxflow.evaluators: a config.evals entry on a fake stream (last batch padded with valid = 0)."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  import ml_collections
+  from jaxflow import evaluators
+
+  class Shift(nn.Module):  # flow = a learned constant: easy to predict exactly in numpy
+    @nn.compact
+    def __call__(self, image1, image2, train=False):
+      c = self.param("c", lambda k: jnp.asarray([1.5, -4.0]))
+      return {"flow": jnp.broadcast_to(c, image1.shape[:3] + (2,))}
+
+  rng = np.random.default_rng(0)
+  examples = [{"image1": rng.random((16, 20, 3), np.float32), "image2": rng.random((16, 20, 3), np.float32),
+               "flow": rng.normal(size=(16, 20, 2)).astype(np.float32) * 6,
+               "valid": (rng.random((16, 20)) > 0.3).astype(np.float32)} for _ in range(3)]
+
+  def eval_iter(config, name, *, batch_size, process_index, process_count):
+    assert name == "fake_set"
+    for s in range(0, 3, batch_size):
+      rows = examples[s:s + batch_size]
+      rows = rows + [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch_size - len(rows))
+      yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+  config = ml_collections.ConfigDict({"evals": {"val": {"dataset": "fake_set", "batch_size": 2, "num_batches": 0}}})
+  evs = evaluators.build_evaluators(config, Shift(), eval_iter)
+  params = {"c": np.asarray([1.5, -4.0], np.float32)}
+  got = evaluators.run_all(evs, {"params": params})
+  want = _numpy_metrics([np.broadcast_to(params["c"], (16, 20, 2)) for _ in examples],
+                        [e["flow"].astype(np.float64) for e in examples], [e["valid"] > 0.5 for e in examples],
+                        [None] * 3)
+  _assert_metrics({k.split("/", 1)[1]: v for k, v in got.items()}, want)
+  with pytest.raises(KeyError, match="config.evals.bad needs the key 'num_batches'"):
+    evaluators.build_evaluators(ml_collections.ConfigDict({"evals": {"bad": {"dataset": "x", "batch_size": 1}}}),
+                                Shift(), eval_iter)
