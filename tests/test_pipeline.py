@@ -154,3 +154,16 @@ def test_bad_names_and_batch_sizes_raise_clear_errors():
   c.data.root = "/nonexistent/jaxflow"
   with pytest.raises(FileNotFoundError, match="/nonexistent/jaxflow/sintel/training/clean"):
     pipeline.train_iterator(c)
+
+
+def test_eval_iterator_reads_real_sets(shared_data):
+  c = make_config()
+  c.data.root = str(shared_data)
+  c.data.kitti_flow_dir = "flow_gt_occ_or_noc"
+  batches = list(pipeline.eval_iterator(c, "middlebury", batch_size=1))
+  assert [b["image1"].shape for b in batches] == [(1, 388, 584, 3), (1, 388, 584, 3), (1, 380, 420, 3)]
+  assert batches[0]["valid"].mean() < 1  # Dimetrodon has unknown flow
+  (kitti,) = list(pipeline.eval_iterator(c, "kitti2015", batch_size=1))
+  assert kitti["flow"].shape == (1, 375, 1242, 2) and 0 < kitti["valid"].mean() < 1
+  with pytest.raises(ValueError, match="mixes image sizes"):
+    list(pipeline.eval_iterator(c, "middlebury", batch_size=3))
