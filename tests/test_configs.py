@@ -60,7 +60,7 @@ def test_spynet_stages():
   assert tuple(c.trainable_levels) == (2,) and tuple(c.loss.weights) == (0, 0, 1, 0, 0) and c.model.levels == 5
   with pytest.raises(ValueError, match="stage=6"):
     spynet.get_config("chairs,stage=6")
-  with pytest.raises(ValueError, match="stage=x.*int"):
+  with pytest.raises(ValueError, match="stage='x'.*expected int"):
     spynet.get_config("chairs,stage=x")
 
 

@@ -76,14 +76,19 @@ def fake_train_iter(config, *, start_step: int, process_index: int, process_coun
 
 def fake_eval_iter(config, name: str, *, batch_size: int, process_index: int, process_count: int
                    ) -> Iterator[dict[str, np.ndarray]]:
-  """A fixed held-out set of 6 pairs (seed 10_000), so the last batch of 4 is short and padded."""
+  """A fixed held-out set of 6 pairs (seed 10_000); the last batch of 4 is padded with valid = 0 rows."""
   if name != "synthetic_val":
     raise ValueError(f"unknown eval set {name!r}")
   per = batch_size // process_count
   n = 6
   for start in range(0, n, batch_size):
-    idx = [i for i in range(start + process_index * per, start + (process_index + 1) * per) if i < n]
-    yield stack([example(10_000, i, tuple(config.data.crop_size)) for i in idx])
+    rows = []
+    for i in range(start + process_index * per, start + (process_index + 1) * per):
+      e = example(10_000, min(i, n - 1), tuple(config.data.crop_size))
+      if i >= n:  # padding rows, as the real pipeline does: zeros with valid = 0
+        e = {k: np.zeros_like(v) for k, v in e.items()}
+      rows.append(e)
+    yield stack(rows)
 
 
 def tiny_config(**overrides: Any) -> ml_collections.ConfigDict:
