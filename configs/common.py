@@ -126,8 +126,8 @@ def apply_schedule(c: ml_collections.ConfigDict, name: str, scale: float = 1.0) 
   c.total_steps = p["total_steps"]
 
 
-def local_variant(c: ml_collections.ConfigDict, *, steps: int = 600, batch: int = 8,
-                  crop: tuple[int, int] = (128, 160), lr: float = 1e-4) -> None:
+def local_variant(c: ml_collections.ConfigDict, *, steps: int = 300, batch: int = 4,
+                  crop: tuple[int, int] = (128, 128), lr: float = 1e-4) -> None:
   """Small crops and batch, a few hundred steps: minutes on a CPU; evaluation on a small held-out set."""
   c.batch_size = batch
   c.total_steps = steps
@@ -227,6 +227,6 @@ def flownet_config(name: str, arg: str | None, warmup_steps: int = 0) -> ml_coll
     c.evals = real_evals(("kitti2015",))
     c.best_metric = "kitti2015/epe"
   elif variant == "local":
-    local_variant(c, steps=600, batch=8, crop=(128, 192), lr=1e-4)
+    local_variant(c, steps=300, batch=4, crop=(128, 128), lr=1e-4)
     c.optim.warmup_steps = min(warmup_steps, 50)
   return finalize(c)

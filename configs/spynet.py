@@ -60,7 +60,7 @@ def get_config(arg: str | None = None):
     c.evals = common.real_evals(("kitti2015",))
     c.best_metric = "kitti2015/epe"
   elif variant == "local":
-    common.local_variant(c, steps=600, batch=8, crop=(128, 192), lr=3e-4)
+    common.local_variant(c, steps=300, batch=4, crop=(128, 128), lr=3e-4)
     if not stage:  # all levels jointly (a quick local run, not the paper's procedure): equal weights
       c.loss.weights = (1.0,) * LEVELS
   return common.finalize(c)
