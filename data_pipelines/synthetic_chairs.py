@@ -335,7 +335,7 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
     # Assets arrive packed: colours as int32 r + 256 g + 65536 b, sprite alpha separately.
     alpha_sel = tf.gather(sprite_alpha, p["sprite"])  # (K, S, S) uint8
     # One colour table: the photo's pixels, then the selected sprites' pixels.
-    table = tf.concat([backgrounds[p["background"]], tf.reshape(tf.gather(sprite_rgb, p["sprite"]), [-1])], 0)
+    table = tf.concat([tf.gather(backgrounds, p["background"]), tf.reshape(tf.gather(sprite_rgb, p["sprite"]), [-1])], 0)
     # Layer value of chair k: its depth rank + 1 (0 = background; inactive chairs never draw).
     value = tf.where(p["active"], p["rank"] + 1, 0)
     by_value = tf.cast(tf.argsort(p["rank"]), tf.int32)  # Chair index of each value - 1.
