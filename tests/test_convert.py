@@ -86,8 +86,8 @@ def lrelu(x):
   return F.leaky_relu(x, 0.1)
 
 
-def up_bilinear(x, factor):
-  return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+def up_bilinear(x, factor, align_corners=False):
+  return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=align_corners)
 
 
 def kaiming(*shape, gain=1.0):
@@ -130,8 +130,9 @@ def write_spynet(folder, levels, widths=SPY_WIDTHS, kernel=7, variant="F", seed=
 
 def spynet_reference(weights, im1, im2):
   """The released recipe: ImageNet-normalised RGB, 2x2 average-pooling pyramid, level 1 on [i1, i2, 0],
-  level k on [i1, warp(i2, up), up] with up = 2 x bilinear upsampling of the previous flow (half-pixel
-  centres, as jaxflow), residual added; returns the finest flow (B, 2, H, W)."""
+  level k on [i1, warp(i2, up), up] with up = 2 x bilinear upsampling of the previous flow with the corners
+  aligned (the released code's ScaleBHWD / the PyTorch port's align_corners=True), residual added; returns
+  the finest flow (B, 2, H, W)."""
   mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
   std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
   a, b = (nchw(im1) - mean) / std, (nchw(im2) - mean) / std
@@ -146,7 +147,7 @@ def spynet_reference(weights, im1, im2):
       up = torch.zeros(i1.shape[0], 2, i1.shape[2], i1.shape[3])
       warped = i2
     else:
-      up = up_bilinear(flow, 2) * 2
+      up = up_bilinear(flow, 2, align_corners=True) * 2
       warped, _ = torch_warp(i2, up)
     x = torch.cat([i1, warped, up], 1)
     for i, (w, bias) in enumerate(convs):

@@ -80,3 +80,31 @@ def test_image_pyramid_bad_input():
     image_pyramid(jnp.zeros((1, 8, 8, 3)), 0)
   with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
     image_pyramid(jnp.zeros((8, 8, 3)), 2)
+
+
+def _np_align_corners_1d(n_in, n_out):
+  # Independent reference: PyTorch's align_corners=True source position i * (n_in - 1) / (n_out - 1).
+  m = np.zeros((n_out, n_in))
+  for i in range(n_out):
+    p = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    lo = min(int(np.floor(p)), n_in - 1)
+    hi = min(lo + 1, n_in - 1)
+    m[i, lo] += 1 - (p - lo)
+    m[i, hi] += p - lo
+  return m
+
+
+@pytest.mark.parametrize("src,dst", [((5, 7), (10, 14)), ((6, 4), (3, 9)), ((1, 3), (4, 4))])
+def test_resize_flow_align_corners_matches_numpy(src, dst):
+  rng = np.random.default_rng(3)
+  flow = rng.normal(size=(2,) + src + (2,)).astype(np.float32)
+  my, mx = _np_align_corners_1d(src[0], dst[0]), _np_align_corners_1d(src[1], dst[1])
+  ref = np.einsum("Yy,byxc,Xx->bYXc", my, flow, mx) * np.array([dst[1] / src[1], dst[0] / src[0]])
+  out = np.asarray(resize_flow(jnp.asarray(flow), dst, align_corners=True))
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  # The corner pixels coincide exactly (only the values are rescaled).
+  scale = np.array([dst[1] / src[1], dst[0] / src[0]])
+  np.testing.assert_allclose(out[:, 0, 0] / scale, flow[:, 0, 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[:, -1, -1] / scale, flow[:, -1, -1], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="align_corners"):
+    resize_flow(jnp.asarray(flow), dst, method="nearest", align_corners=True)

@@ -184,14 +184,14 @@ def test_init_from_coarser_copies_levels_and_reproduces_coarser_model():
   assert sorted(merged_p) == ["G0", "G1", "G2"]
 
   # With the new finest level zeroed, the 3-level model on a 32x32 image equals the 2-level model on its
-  # 2x2-average-pooled 16x16 version, upsampled 2x with values doubled (same pyramid, same G0 and G1).
+  # 2x2-average-pooled 16x16 version, upsampled 2x (corner-aligned, as the released code) with values doubled.
   params = dict(merged["params"])
   params["G2"] = jax.tree.map(jnp.zeros_like, params["G2"])
   image1, image2 = _pair(32, 32, seed=7)
   pool = lambda im: im.reshape(1, 16, 2, 16, 2, 3).mean(axis=(2, 4))
   out_big = _apply(3)({"params": params}, image1, image2)
   out_small = _apply(2)(old, pool(image1), pool(image2))
-  np.testing.assert_allclose(np.asarray(out_big["flow"]), np.asarray(resize_flow(out_small["flow"], (32, 32))),
+  np.testing.assert_allclose(np.asarray(out_big["flow"]), np.asarray(resize_flow(out_small["flow"], (32, 32), align_corners=True)),
                              rtol=1e-4, atol=1e-4)
   for fb, fs in zip(out_big["flows"][:2], out_small["flows"]):
     np.testing.assert_allclose(np.asarray(fb), 2 * np.asarray(fs), rtol=1e-4, atol=1e-4)

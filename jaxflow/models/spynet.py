@@ -58,10 +58,15 @@ class SpyBasic(nn.Module):
 @register("spynet")
 class SpyNet(nn.Module):
   """SpyNet. Fields are the config: `levels` pyramid levels (5 in the paper), the per-level `channels` and
-  `kernel_size` of G_k, and the compute `dtype` (parameters stay float32)."""
+  `kernel_size` of G_k, `upsample_align_corners` (the released code's corner-aligned 2x flow upsampling), and the
+  compute `dtype` (parameters stay float32)."""
   levels: int = 5
   channels: Sequence[int] = (32, 64, 32, 16)
   kernel_size: int = 7
+  # The released code upsamples the coarser flow with corner-aligned bilinear interpolation (the Torch7 code
+  # with stn's ScaleBHWD; the PyTorch port that reproduces its outputs with interpolate(align_corners=True)).
+  # We follow the released code by default; False gives the half-pixel convention of the rest of jaxflow.
+  upsample_align_corners: bool = True
   dtype: Any = jnp.float32
 
   def _check_config(self) -> None:
@@ -104,7 +109,8 @@ class SpyNet(nn.Module):
         up = jnp.zeros(i1.shape[:3] + (2,), jnp.float32)
         warped = i2  # warping by a zero flow is the identity
       else:
-        up = resize_flow(flow, (i1.shape[1], i1.shape[2]))  # 2x bilinear, values doubled
+        up = resize_flow(flow, (i1.shape[1], i1.shape[2]),  # 2x bilinear, values doubled
+                         align_corners=self.upsample_align_corners)
         warped = warp(i2, up)
       x = jnp.concatenate([i1, warped.astype(jnp.float32), up], axis=-1)
       residual = SpyBasic(tuple(self.channels), self.kernel_size, self.dtype, name=f"G{k}")(x)
