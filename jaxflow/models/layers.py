@@ -2,7 +2,8 @@
 
 Parameters are always float32 (`param_dtype`); `dtype` is the compute dtype from the config. Every model
 builds its convolutions through `conv` / `deconv` here, so a faster convolution for a given backend can be
-swapped in at one place.
+swapped in at one place: on CPU, `conv` computes its weight gradient as dense matmuls
+(jaxflow.ops.conv; forward values and parameter names/shapes are those of `nn.Conv`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxflow.ops import resize_flow
+from jaxflow.ops.conv import flax_conv_general_dilated
 
 # FlowNet/PWC-Net use MSRA (He) initialisation in the released Caffe/PyTorch code.
 kaiming = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -30,7 +32,8 @@ def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, *, dtyp
   pad = (kernel - 1) // 2 * dilation
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                  kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=kaiming, name=name)
+                 param_dtype=jnp.float32, kernel_init=kaiming, conv_general_dilated=flax_conv_general_dilated,
+                 name=name)
 
 
 def deconv(features: int, kernel: int = 4, stride: int = 2, *, dtype: Any = jnp.float32,

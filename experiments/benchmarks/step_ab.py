@@ -1,0 +1,88 @@
+r"""A/B timing of one model's jitted training step under two convolution-gradient implementations, alternated
+in one process (robust to the load of a shared machine): wall and process-CPU seconds per step, medians.
+
+  python -m experiments.benchmarks.step_ab --model pwcnet --height 192 --width 256 --batch 4 --repeats 5
+
+Prints per variant: compile seconds, median step wall / CPU seconds, pairs/s, and the ratio B / A
+(A = 'lax': XLA's convolution gradients; B = 'matmul': jaxflow.ops.conv's matmul weight gradient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype: str = "float32"):
+  from jaxflow import losses, optim
+  from jaxflow import steps as steps_lib
+  from jaxflow.models import get_model
+  from jaxflow.ops import conv as conv_ops
+  from jaxflow.train_state import create_train_state, make_init_fn
+  conv_ops.set_default_impl(impl)
+  model = get_model(model_name, dtype=dtype)
+  shape = (batch, height, width, 3)
+  rng = np.random.default_rng(0)
+  host = {"image1": rng.random(shape, dtype=np.float32), "image2": rng.random(shape, dtype=np.float32),
+          "flow": rng.normal(size=shape[:3] + (2,)).astype(np.float32) * 5, "valid": np.ones(shape[:3], np.float32)}
+  n_levels = len(jax.eval_shape(lambda: model.init_with_output(
+      jax.random.key(0), host["image1"][:1], host["image2"][:1])[0])["flows"])
+  loss_cfg = losses.default_config()
+  loss_cfg.weights = losses.FLOWNET_WEIGHTS if n_levels == 5 else (1.0,) * n_levels
+  tx = optim.make_optimizer(optim.default_config(), 1000)
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state, _ = create_train_state(make_init_fn(model, tx, (1, height, width, 3)), 0, dev)
+  step = jax.jit(steps_lib.make_train_step(model, tx, functools.partial(losses.compute_loss, loss_cfg)),
+                 donate_argnums=0)
+  batch_arrays = jax.device_put(host, dev)
+  t = time.perf_counter()
+  compiled = step.lower(state, batch_arrays).compile()
+  compile_s = time.perf_counter() - t
+  conv_ops.set_default_impl("auto")
+  return compiled, state, batch_arrays, compile_s
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--model", default="pwcnet")
+  p.add_argument("--height", type=int, default=192)
+  p.add_argument("--width", type=int, default=256)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--variants", default="lax,matmul")
+  args = p.parse_args(argv)
+  variants = args.variants.split(",")
+  runs = {}
+  for v in variants:
+    compiled, state, batch, compile_s = build(args.model, args.height, args.width, args.batch, v, args.dtype)
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    runs[v] = [compiled, state, batch, compile_s, [], []]
+    print(f"{v}: compile {compile_s:.1f} s", flush=True)
+  for _ in range(args.repeats):
+    for v in variants:
+      r = runs[v]
+      w, c = time.perf_counter(), time.process_time()
+      r[1], m = r[0](r[1], r[2])
+      jax.block_until_ready(m)
+      r[4].append(time.perf_counter() - w)
+      r[5].append(time.process_time() - c)
+  base = None
+  for v in variants:
+    wall, cpu = statistics.median(runs[v][4]), statistics.median(runs[v][5])
+    base = base or (wall, cpu)
+    print(f"{args.model} {args.height}x{args.width} b{args.batch} {v:7s}: step wall {wall * 1e3:.0f} ms "
+          f"(cpu {cpu * 1e3:.0f} ms), {args.batch / wall:.2f} pairs/s; speed-up vs {variants[0]}: "
+          f"wall {base[0] / wall:.2f}x, cpu {base[1] / cpu:.2f}x", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

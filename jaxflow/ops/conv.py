@@ -1,0 +1,233 @@
+"""2-D convolution whose weight gradient is computed as dense matrix products (fast on XLA:CPU).
+
+Why: on XLA:CPU the forward convolution and its input gradient run close to the speed of a matmul of the same
+FLOPs, but the weight gradient (a convolution contracting over batch and space) runs at a fraction of it
+(measured 3-4x slower than the equivalent matmul for PWC-Net's estimator shapes; experiments/benchmarks/
+conv_grad.py). `conv2d` keeps `lax.conv_general_dilated` for the forward pass and the input gradient and
+replaces the weight gradient by one matmul per kernel tap:
+
+  dW[i, j] = sum_{n, y, x} Xp[n, s*y + d*i, s*x + d*j, :]^T  g[n, y, x, :]          (C_in, C_out)
+
+With Xp the padded input split into its s x s stride phases and transposed once to (C_in, N*Hph*Wph), tap
+(i, j) reads phase ((d*i) % s, (d*j) % s) at offset ((d*i) // s, (d*j) // s); instead of slicing the input
+per tap (a copy of C_in channels), the output gradient g (C_out channels) is zero-padded by that offset onto
+the phase grid, so every tap is one (C_in, L) @ (L, C_out) product with a long contraction L, which XLA:CPU
+runs as a library GEMM near the machine's matmul peak. Temporaries: one transposed copy of the padded input and
+one padded copy of g per tap (freed after its product); nothing tap x channel x space sized.
+
+Numerics: the same sums in a different order (float32 products and accumulation; bfloat16 inputs accumulate
+in float32 and the gradient is returned in the kernel's dtype). Tested against lax's own gradient.
+
+Selection: `conv2d(..., impl=None)` uses the matmul weight gradient on the CPU backend and plain lax elsewhere
+(GPU/TPU convolution gradients are native and fast). `set_default_impl('lax' | 'matmul' | 'auto')` overrides it
+process-wide (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DN = ("NHWC", "HWIO", "NHWC")
+_IMPLS = ("auto", "lax", "matmul")
+_default_impl = "auto"
+
+
+def set_default_impl(impl: str) -> None:
+  """Chooses the convolution gradient used when `impl` is not given: 'auto' (matmul on CPU, lax elsewhere),
+  'lax' (XLA's own everywhere) or 'matmul' (the matmul weight gradient everywhere). Affects later traces."""
+  global _default_impl
+  if impl not in _IMPLS:
+    raise ValueError(f"conv: impl must be one of {_IMPLS}, got {impl!r}")
+  _default_impl = impl
+
+
+def get_default_impl() -> str:
+  return _default_impl
+
+
+def _resolve(impl: str | None) -> str:
+  impl = _default_impl if impl is None else impl
+  if impl not in _IMPLS:
+    raise ValueError(f"conv: impl must be one of {_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "matmul" if jax.default_backend() == "cpu" else "lax"
+  return impl
+
+
+def _lax_conv(x: jax.Array, w: jax.Array, strides, padding, dilation) -> jax.Array:
+  return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_DN)
+
+
+def _tap_geometry(size: int, lo: int, hi: int, k: int, s: int, d: int) -> tuple[int, int, int]:
+  """For one spatial axis: (output size, phase grid size, padded length trimmed to s * phase grid size)."""
+  out = (size + lo + hi - d * (k - 1) - 1) // s + 1
+  grid = out + (d * (k - 1)) // s
+  return out, grid, s * grid
+
+
+def _pad_or_crop(x: jax.Array, axis: int, lo: int, target: int) -> jax.Array:
+  """Zero-pads `x` by `lo` in front along `axis` (lo >= 0) and pads or crops the end to length `target`."""
+  n = x.shape[axis]
+  hi = target - n - lo
+  if hi < 0:
+    x = lax.slice_in_dim(x, 0, n + hi, axis=axis)
+    hi = 0
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (lo, hi)
+  return jnp.pad(x, pads)
+
+
+def weight_grad_matmul(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], strides: Sequence[int],
+                       padding: Sequence[tuple[int, int]], dilation: Sequence[int], mode: str = "scan") -> jax.Array:
+  """Gradient of sum(g * conv(x, W)) with respect to W, as one matmul per kernel tap.
+
+  Args:
+    x: input (N, H, W, C_in). g: output gradient (N, Ho, Wo, C_out).
+    kernel_shape: (kh, kw, C_in, C_out) (HWIO). strides, dilation: (sy, sx), (dy, dx). padding: ((lo, hi),
+      (lo, hi)) explicit, non-negative.
+    mode: 'scan' (a lax.scan over the taps: one small loop body per convolution, which keeps compile time
+      close to that of XLA's own gradient), 'unrolled' (one product per tap in the graph), or 'concat' (stride
+      1 only: the taps' shifted gradients side by side, one product; for few output channels).
+  Returns:
+    (kh, kw, C_in, C_out) float32 (float64 for float64 inputs).
+  """
+  kh, kw, cin, cout = kernel_shape
+  n = x.shape[0]
+  acc = jnp.result_type(jnp.float32, x.dtype, g.dtype)
+  (ho, gy, ty), (wo, gx, tx) = (_tap_geometry(x.shape[1 + a], padding[a][0], padding[a][1], (kh, kw)[a],
+                                              strides[a], dilation[a]) for a in range(2))
+  if (ho, wo) != tuple(g.shape[1:3]):
+    raise ValueError(f"conv: output gradient shape {g.shape} does not match the convolution output "
+                     f"({n}, {ho}, {wo}, {cout})")
+  sy, sx = strides
+  big_l = n * gy * gx
+  xp = _pad_or_crop(_pad_or_crop(x, 1, padding[0][0], ty), 2, padding[1][0], tx)
+  # Stride phases, transposed once: (sy * sx, C_in, L); phase (py, px) holds xp[:, py::sy, px::sx].
+  xt = None
+  if mode != "concat":
+    xt = jnp.transpose(xp.reshape(n, gy, sy, gx, sx, cin), (2, 4, 5, 0, 1, 3)).reshape(sy * sx, cin, big_l)
+  taps = []  # (phase index, row offset, column offset) per tap, row-major over (i, j)
+  for i in range(kh):
+    oy, py = divmod(dilation[0] * i, sy)
+    for j in range(kw):
+      ox, px = divmod(dilation[1] * j, sx)
+      taps.append((py * sx + px, oy, ox))
+
+  def tap_product(phase, oy, ox):
+    ph = xt[0] if sy * sx == 1 else lax.dynamic_index_in_dim(xt, phase, keepdims=False)
+    gp = lax.dynamic_update_slice(jnp.zeros((n, gy, gx, cout), g.dtype), g, (0, oy, ox, 0))
+    return jnp.matmul(ph, gp.reshape(big_l, cout), preferred_element_type=acc)
+
+  if mode == "concat":
+    if sy * sx != 1:
+      raise ValueError("conv: mode 'concat' needs stride 1")
+    # All taps' shifted output gradients side by side (L, K * C_out), one product with the untransposed input:
+    # for few output channels this reads the input once instead of once per tap.
+    gs = jnp.concatenate([lax.dynamic_update_slice(jnp.zeros((n, gy, gx, cout), g.dtype), g, (0, oy, ox, 0))
+                          for _, oy, ox in taps], axis=-1).reshape(big_l, len(taps) * cout)
+    dw = lax.dot_general(xp.reshape(big_l, cin), gs, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    return jnp.transpose(dw.reshape(cin, kh, kw, cout), (1, 2, 0, 3))
+  if mode == "unrolled":
+    dw = jnp.stack([tap_product(*t) for t in taps])
+  elif mode == "scan":
+    ts = jnp.asarray(taps, jnp.int32)
+    _, dw = lax.scan(lambda _, t: (None, tap_product(t[0], t[1], t[2])), None, ts)
+  else:
+    raise ValueError(f"conv: mode must be 'scan' or 'unrolled', got {mode!r}")
+  return dw.reshape(kh, kw, cin, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_matmul_grad(x, w, strides, padding, dilation):
+  return _lax_conv(x, w, strides, padding, dilation)
+
+
+def _conv_fwd(x, w, strides, padding, dilation):
+  return _lax_conv(x, w, strides, padding, dilation), (x, w)
+
+
+def weight_grad_mode(cin: int, cout: int, strides: Sequence[int]) -> str:
+  """How `conv2d` computes a weight gradient on CPU, from measurements at PWC-Net shapes (conv_grad.py):
+  'concat' for few output channels at stride 1 (predict_flow 565 -> 2: ~8x faster than XLA's), 'lax' for
+  small channel products (16 -> 32: the per-tap products are memory bound there), 'scan' otherwise
+  (estimator, pyramid and context convolutions: ~2x faster than XLA's)."""
+  if cout <= 8 and tuple(strides) == (1, 1):
+    return "concat"
+  if cin * cout < 1024:
+    return "lax"
+  return "scan"
+
+
+def _conv_bwd(strides, padding, dilation, res, g):
+  x, w = res
+  # The input gradient stays XLA's (a transposed convolution; it runs near matmul speed on CPU).
+  (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, strides, padding, dilation),
+                               jax.ShapeDtypeStruct(x.shape, x.dtype))(g)
+  mode = weight_grad_mode(w.shape[2], w.shape[3], strides)
+  if mode == "lax":
+    (dw,) = jax.linear_transpose(lambda w_: _lax_conv(x, w_, strides, padding, dilation),
+                                 jax.ShapeDtypeStruct(w.shape, w.dtype))(g)
+  else:
+    dw = weight_grad_matmul(x, g, w.shape, strides, padding, dilation, mode)
+  return dx, dw.astype(w.dtype)
+
+
+_conv_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _normalise(strides, padding, dilation) -> tuple[tuple[int, int], tuple[tuple[int, int], ...], tuple[int, int]]:
+  strides = tuple(int(s) for s in strides)
+  dilation = tuple(int(d) for d in (dilation if dilation is not None else (1, 1)))
+  if isinstance(padding, str):
+    raise ValueError(f"conv: padding must be explicit ((lo, hi), (lo, hi)) pairs, got {padding!r}")
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if len(strides) != 2 or len(dilation) != 2 or len(padding) != 2:
+    raise ValueError(f"conv: expected 2-D strides, padding and dilation, got {strides}, {padding}, {dilation}")
+  if any(lo < 0 or hi < 0 for lo, hi in padding):
+    raise ValueError(f"conv: padding must be non-negative, got {padding}")
+  return strides, padding, dilation
+
+
+def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
+           padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)), dilation: Sequence[int] = (1, 1), *,
+           impl: str | None = None) -> jax.Array:
+  """2-D cross-correlation of x (N, H, W, C_in) with w (kh, kw, C_in, C_out) (NHWC / HWIO), explicit padding.
+
+  Same values as `lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation)`; output
+  (N, Ho, Wo, C_out) in the promoted dtype of x and w. On CPU (impl 'auto') the weight gradient is computed by
+  `weight_grad_matmul`; `impl='lax'` forces XLA's gradient.
+  """
+  if x.ndim != 4 or w.ndim != 4:
+    raise ValueError(f"conv: expected x (N, H, W, C_in) and w (kh, kw, C_in, C_out), got shapes {x.shape} "
+                     f"and {w.shape}")
+  if x.shape[-1] != w.shape[2]:
+    raise ValueError(f"conv: input channels {x.shape[-1]} (x shape {x.shape}) do not match the kernel's "
+                     f"C_in {w.shape[2]} (w shape {w.shape})")
+  strides, padding, dilation = _normalise(strides, padding, dilation)
+  if _resolve(impl) == "lax":
+    return _lax_conv(x, w, strides, padding, dilation)
+  return _conv_matmul_grad(x, w, strides, padding, dilation)
+
+
+def flax_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                              dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """Drop-in for `lax.conv_general_dilated` as flax's `nn.Conv(conv_general_dilated=...)`: uses `conv2d` for
+  2-D NHWC/HWIO convolutions without input dilation or groups, and lax for anything else."""
+  plain = (lhs.ndim == 4 and feature_group_count == 1 and precision is None and not kwargs
+           and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1)) and not isinstance(padding, str)
+           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN))
+  if not plain or _resolve(None) == "lax":
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count, precision=precision, **kwargs)
+  return conv2d(lhs, rhs, window_strides, padding, rhs_dilation or (1, 1), impl="matmul")
+
+
+__all__ = ["conv2d", "flax_conv_general_dilated", "get_default_impl", "set_default_impl", "weight_grad_matmul",
+           "weight_grad_mode"]

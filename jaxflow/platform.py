@@ -1,0 +1,92 @@
+"""Process-wide JAX/XLA set-up for fast starts and fast steps: call `configure()` once, before the first JAX
+computation (XLA reads XLA_FLAGS when the backend initialises).
+
+    from jaxflow import platform
+    platform.configure()                        # persistent compilation cache in the default directory
+    platform.configure(cache_dir=None)          # no persistent cache
+    platform.configure(cpu_flags={"xla_cpu_use_xnnpack": "true"})   # extra CPU-only XLA flags
+
+What it does:
+  - Persistent compilation cache (`jax_compilation_cache_dir`): compiled executables (the train step, the init,
+    the eval step) are stored on disk keyed by their HLO, so a second run of the same configuration skips XLA
+    compilation (the time to the first step is then tracing + loading). Entries are written for compilations
+    longer than `min_compile_time_secs`. The directory defaults to $JAXFLOW_COMPILATION_CACHE, else
+    ~/.cache/jaxflow/xla.
+  - XLA_FLAGS defaults (`cpu_flags`): appended to the environment variable only when the user has not set the same
+    flag, only before the backend is initialised, and only when the platform will be the CPU (JAX_PLATFORMS empty
+    or 'cpu'), so accelerators never receive CPU flags. There are no default CPU flags: none of the XLA:CPU
+    runtime options of jaxlib 0.10.2 that were measured (XNNPACK / oneDNN / YNN fusion types, prefer vector
+    width 512, XNN graph fusion) gave a reproducible speed-up on the training step (see
+    experiments/benchmarks/conv_grad.py and the report of issue #8); the speed-up on CPU comes from
+    jaxflow.ops.conv instead.
+
+The convolution-gradient implementation is chosen per backend by jaxflow.ops.conv (matmul weight gradients on
+CPU, XLA's own on GPU/TPU); `conv_impl` here overrides it process-wide.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxflow", "xla")
+_UNSET = object()
+
+
+def _backend_initialized() -> bool:
+  try:
+    from jax._src import xla_bridge
+    return bool(xla_bridge.backends_are_initialized())
+  except Exception:  # pragma: no cover - private API moved: assume initialised (never touch XLA_FLAGS late)
+    return True
+
+
+def _cpu_platform() -> bool:
+  platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
+  return platforms in ("", "cpu") or platforms.split(",")[0] == "cpu"
+
+
+def merge_xla_flags(current: str, defaults: Mapping[str, Any]) -> str:
+  """`current` XLA_FLAGS plus `--name=value` for every default whose name is not already in it."""
+  present = {tok.lstrip("-").split("=", 1)[0] for tok in current.split() if tok.startswith("--")}
+  extra = [f"--{k}={v}" for k, v in defaults.items() if k not in present]
+  return " ".join([current.strip()] + extra).strip()
+
+
+def configure(cache_dir: Any = _UNSET, *, min_compile_time_secs: float = 1.0,
+              cpu_flags: Mapping[str, Any] | None = None, conv_impl: str | None = None) -> dict[str, Any]:
+  """Sets up the compilation cache, CPU XLA flags and the convolution implementation; idempotent.
+
+  Args:
+    cache_dir: persistent compilation cache directory; default $JAXFLOW_COMPILATION_CACHE or
+      ~/.cache/jaxflow/xla; None or '' disables it.
+    min_compile_time_secs: only compilations at least this long (seconds) are written to the cache.
+    cpu_flags: XLA flags (name without dashes -> value) added to XLA_FLAGS when the platform is the CPU and
+      the backend is not yet initialised; flags the user already set win.
+    conv_impl: 'auto' | 'lax' | 'matmul' (see jaxflow.ops.conv.set_default_impl); None keeps the current.
+  Returns:
+    What was applied: {'cache_dir': str | None, 'xla_flags': str, 'flags_applied': bool, 'conv_impl': str}.
+  """
+  if cache_dir is _UNSET:
+    cache_dir = os.environ.get("JAXFLOW_COMPILATION_CACHE", DEFAULT_CACHE_DIR)
+  flags_applied = False
+  if cpu_flags:
+    if not _backend_initialized() and _cpu_platform():
+      os.environ["XLA_FLAGS"] = merge_xla_flags(os.environ.get("XLA_FLAGS", ""), cpu_flags)
+      flags_applied = True
+  if cache_dir:
+    cache_dir = os.path.abspath(os.path.expanduser(str(cache_dir)))
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  from jaxflow.ops import conv as conv_ops
+  if conv_impl is not None:
+    conv_ops.set_default_impl(conv_impl)
+  return {"cache_dir": cache_dir or None, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "flags_applied": flags_applied, "conv_impl": conv_ops.get_default_impl()}
+
+
+__all__ = ["DEFAULT_CACHE_DIR", "configure", "merge_xla_flags"]

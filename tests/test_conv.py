@@ -1,0 +1,143 @@
+"""jaxflow.ops.conv (matmul weight gradients) against lax's convolution and its autodiff, and a numpy reference;
+jaxflow.platform's flag merging and cache set-up."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxflow import platform
+from jaxflow.models import layers
+from jaxflow.ops import conv as conv_ops
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def lax_conv(x, w, s, pad, d):
+  return lax.conv_general_dilated(x, w, (s, s), ((pad, pad), (pad, pad)), rhs_dilation=(d, d),
+                                  dimension_numbers=DN)
+
+
+def numpy_weight_grad(x, g, k, s, pad, d):
+  """dW[i, j] = sum_{n,y,x} xp[n, s*y + d*i, s*x + d*j]^T g[n, y, x] by explicit slicing, float64."""
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  g = np.asarray(g, np.float64)
+  ho, wo = g.shape[1:3]
+  out = np.zeros((k, k, x.shape[-1], g.shape[-1]))
+  for i in range(k):
+    for j in range(k):
+      win = xp[:, d * i: d * i + s * (ho - 1) + 1: s, d * j: d * j + s * (wo - 1) + 1: s]
+      out[i, j] = np.einsum("nhwc,nhwo->co", win, g)
+  return out
+
+
+# (H, W, C_in, C_out, kernel, stride, pad, dilation): PWC-Net's kinds (3x3 s1 / s2, dilated context), odd sizes,
+# 1x1, and a 5x5 stride-3 dilation-2 case for the phase bookkeeping.
+CASES = [(8, 10, 3, 5, 3, 1, 1, 1), (8, 10, 3, 5, 3, 2, 1, 1), (9, 11, 4, 6, 3, 2, 1, 1), (16, 16, 4, 3, 3, 1, 4, 4),
+         (7, 9, 2, 3, 1, 1, 0, 1), (10, 12, 3, 2, 5, 3, 3, 2), (12, 12, 6, 2, 3, 1, 2, 2)]
+
+
+@pytest.mark.parametrize("mode", ["scan", "unrolled", "concat"])
+@pytest.mark.parametrize("case", CASES)
+def test_weight_grad_matches_numpy(case, mode):
+  h, w, cin, cout, k, s, pad, d = case
+  if mode == "concat" and s != 1:
+    pytest.skip("concat is stride 1 only")
+  rng = np.random.default_rng(hash(case) % 2 ** 32)
+  x = rng.normal(size=(2, h, w, cin)).astype(np.float32)
+  ho = (h + 2 * pad - d * (k - 1) - 1) // s + 1
+  wo = (w + 2 * pad - d * (k - 1) - 1) // s + 1
+  g = rng.normal(size=(2, ho, wo, cout)).astype(np.float32)
+  got = conv_ops.weight_grad_matmul(jnp.asarray(x), jnp.asarray(g), (k, k, cin, cout), (s, s),
+                                    ((pad, pad), (pad, pad)), (d, d), mode)
+  assert got.shape == (k, k, cin, cout) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), numpy_weight_grad(x, g, k, s, pad, d), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", CASES + [(8, 8, 40, 40, 3, 1, 1, 1), (8, 8, 40, 40, 3, 2, 1, 1)])
+def test_conv2d_values_and_grads_match_lax(case):
+  """Forward identical to lax; (x, w) gradients of a nonlinear loss equal lax autodiff's (every wgrad mode is
+  reached: small channel products -> lax, 40x40 -> scan, C_out <= 8 at stride 1 -> concat)."""
+  h, w, cin, cout, k, s, pad, d = case
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, h, w, cin)), jnp.float32)
+  wt = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.3, jnp.float32)
+  padding = ((pad, pad), (pad, pad))
+  np.testing.assert_array_equal(np.asarray(conv_ops.conv2d(x, wt, (s, s), padding, (d, d), impl="matmul")),
+                                np.asarray(lax_conv(x, wt, s, pad, d)))
+  loss = lambda impl: jax.jit(jax.grad(
+      lambda x, w: jnp.sum(jnp.sin(conv_ops.conv2d(x, w, (s, s), padding, (d, d), impl=impl))), (0, 1)))
+  (gx, gw), (rx, rw) = loss("matmul")(x, wt), loss("lax")(x, wt)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=2e-5, atol=2e-4)
+
+
+def test_weight_grad_mode_selection():
+  assert conv_ops.weight_grad_mode(565, 2, (1, 1)) == "concat"
+  assert conv_ops.weight_grad_mode(565, 2, (2, 2)) == "scan"
+  assert conv_ops.weight_grad_mode(16, 32, (2, 2)) == "lax"
+  assert conv_ops.weight_grad_mode(117, 128, (1, 1)) == "scan"
+
+
+def test_bfloat16_gradient_dtype_and_value():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 40)), jnp.bfloat16)
+  wt = jnp.asarray(rng.normal(size=(3, 3, 40, 40)) * 0.1, jnp.bfloat16)
+  f = lambda impl: jax.grad(lambda w: jnp.sum(conv_ops.conv2d(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                              impl=impl).astype(jnp.float32)))(wt)
+  got = f("matmul")
+  assert got.dtype == jnp.bfloat16
+  ref = numpy_weight_grad(np.asarray(x.astype(jnp.float32)), np.ones((2, 8, 8, 40), np.float32), 3, 1, 1, 1)
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), ref, rtol=1e-2, atol=1e-1)
+
+
+def test_bad_inputs_name_the_shapes():
+  x = jnp.zeros((1, 8, 8, 3))
+  with pytest.raises(ValueError, match=r"input channels 3 .*C_in 4"):
+    conv_ops.conv2d(x, jnp.zeros((3, 3, 4, 2)))
+  with pytest.raises(ValueError, match="padding must be explicit"):
+    conv_ops.conv2d(x, jnp.zeros((3, 3, 3, 2)), padding="SAME")
+  with pytest.raises(ValueError, match="impl must be one of"):
+    conv_ops.set_default_impl("fast")
+
+
+def test_layers_conv_same_params_and_values_as_nn_conv():
+  """layers.conv keeps nn.Conv's parameter tree (names, shapes, init values) and forward values; its kernel
+  gradient equals the one through plain lax."""
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 16, 16, 12)), jnp.float32)
+  ours = layers.conv(24, 3, stride=2, name="c")
+  plain = nn.Conv(24, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), kernel_init=layers.kaiming, name="c")
+  v1, v2 = ours.init(jax.random.key(0), x), plain.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, v1) == jax.tree.map(jnp.shape, v2)
+  for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(ours.apply(v1, x)), np.asarray(plain.apply(v2, x)))
+  g1 = jax.grad(lambda v: jnp.sum(ours.apply(v, x) ** 2))(v1)
+  g2 = jax.grad(lambda v: jnp.sum(plain.apply(v, x) ** 2))(v2)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-4)
+
+
+def test_merge_xla_flags_keeps_the_users_value():
+  merged = platform.merge_xla_flags("--xla_cpu_use_xnnpack=false --foo=1",
+                                    {"xla_cpu_use_xnnpack": "true", "xla_backend_optimization_level": 1})
+  assert merged.split() == ["--xla_cpu_use_xnnpack=false", "--foo=1", "--xla_backend_optimization_level=1"]
+  assert platform.merge_xla_flags("", {"a": 2}) == "--a=2"
+
+
+def test_configure_sets_the_compilation_cache(tmp_path):
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    out = platform.configure(cache_dir=str(tmp_path / "cache"), min_compile_time_secs=0.5, conv_impl="lax")
+    assert out["cache_dir"] == str(tmp_path / "cache") and os.path.isdir(out["cache_dir"])
+    assert jax.config.jax_compilation_cache_dir == out["cache_dir"]
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5
+    assert out["conv_impl"] == "lax" and not out["flags_applied"]  # no cpu_flags given
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    conv_ops.set_default_impl("auto")
