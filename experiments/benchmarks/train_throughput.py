@@ -1,141 +1,557 @@
-r"""Training-step throughput of the models on this machine, against its measured matmul peak.
+r"""Training throughput of jaxflow against a PyTorch reference on the same machine, and against its matmul peak.
 
-  python -m experiments.benchmarks.train_throughput --model pwcnet --height 128 --width 192 --batch 4
-  python -m experiments.benchmarks.train_throughput --model flownet_c --height 128 --width 192 --batch 4 --dtype bfloat16
-  python -m experiments.benchmarks.train_throughput --all --height 128 --width 192 --batch 4 --json runs/throughput.json
+  python experiments/benchmarks/train_throughput.py --model pwcnet --height 384 --width 512 --batch 8
+  python experiments/benchmarks/train_throughput.py --model spynet --height 128 --width 128 --batch 4 \
+      --rounds 3 --steps 2                                          # a quick run, about a minute
+  python -m experiments.benchmarks.train_throughput --all [--dtype bfloat16] --json /tmp/throughput.json
+  python -m experiments.benchmarks.train_throughput --model pwcnet ... --no-torch     # jaxflow only
+  python -m experiments.benchmarks.train_throughput --roofline /tmp/throughput.json --pipeline-rate 15.6
 
-Per model and dtype it prints: compile time (lowering + XLA compile of the whole jitted, donated train step),
-first-step time (compile + first execution), steady step time (median over --steps executions, synchronised),
-pairs/s, the FLOPs and bytes accessed of one step from XLA's cost analysis, the achieved FLOP/s and its fraction
-of this machine's peak, measured in the same run as the FLOP/s of a large float32 (or bfloat16) matmul on all
-devices of the mesh. The peak RSS of the process (MiB) is reported too. The step is the real trainer step
-(multiscale loss, Adam with weight decay), on random inputs sharded over all local devices.
+What is measured, per configuration (model, H x W, batch, dtype):
+  jaxflow   the real trainer step: jaxflow.steps.make_train_step (model, the model config's multiscale loss,
+            jaxflow.optim's Adam + coupled weight decay), jitted with the state donated, parameters replicated
+            and the batch sharded over a ('data',) mesh, on random inputs already on the device(s).
+  torch     experiments/benchmarks/torch_reference.py: the same network (same parameter count; a test proves
+            the forward passes equal), the same loss and optimiser, NCHW, eager PyTorch.
+Each framework runs in its own worker subprocess (own imports, own peak RSS). Both are set up and warmed up;
+then the parent alternates rounds: --steps steps of jaxflow, --steps steps of torch, --rounds times, so a
+change of machine load hits both; step times are medians over all timed steps. A jaxflow step is timed to the
+completion of its metrics (block_until_ready); a torch step ends with loss.item().
+
+Reported (printed, and in --json as a list of dicts, one per configuration):
+  pairs_per_s, torch_pairs_per_s, ratio (jaxflow / torch), step_s, torch_step_s (medians), cpu_s_per_step and
+  torch_cpu_s_per_step (process CPU time per step: robust to other jobs on the machine);
+  flops_per_step, bytes_accessed_per_step (XLA cost analysis of the compiled step, whole mesh);
+  achieved_gflops and fraction_of_peak (flops_per_step / step_s against the machine's matmul peak, the best of a
+  2048^3 matmul in jax and in torch, measured in the same run in the same dtype; torch's achieved rate uses the
+  same FLOP count, since the network is the same);
+  compile_s (lowering + XLA compile of the step), init_s (parameter + optimiser state init);
+  first_step_s: wall time from launching a fresh Python process (before it imports jax) to the end of the
+  first finished training step, with an empty persistent compilation cache (cold); first_step_warm_s: the same
+  in a second fresh process with the cache the first one wrote (warm); torch_first_step_s likewise for torch;
+  peak_rss_mib (the warm, measured jaxflow worker), peak_rss_cold_mib (the cold worker, which also compiled),
+  torch_peak_rss_mib; and the exact settings (devices, threads, XLA_FLAGS, versions, commit, load average).
+--roofline JSON projects the step time of each result on one accelerator from its FLOPs and bytes per step
+(datasheet peaks in ACCELERATORS) and the input rate needed to feed it.
+
+Threads: torch uses torch.set_num_threads(--torch-threads, default all usable cores); jaxflow uses
+--jax-devices CPU devices (1: one device whose XLA intra-op thread pool uses all cores; 2: a 2-device mesh via
+--xla_force_host_platform_device_count, the batch split over them).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import datetime
 import json
+import os
+import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-
-import jax
-import jax.numpy as jnp
-import numpy as np
+from typing import Any
 
 MODELS = ("flownet_s", "flownet_c", "spynet", "pwcnet")
+# --all: each model at its paper's training crop and batch, plus the PWC-Net figure of issue #8.
+#   FlowNetS / FlowNetC: 384 x 448 crops (FlowNet: 448 x 384), batch 8.
+#   SpyNet: configs/spynet.py trains every stage on 384 x 512 Chairs images (all 5 pyramid levels present, the
+#     finest at 384 x 512); the paper's batch is 32, here 8 like the others (the step cost is linear in batch).
+#   PWC-Net: 384 x 448 crops, batch 8 (paper); 384 x 512 batch 8 is the issue's headline.
+ALL_RUNS = (("pwcnet", 384, 512, 8), ("pwcnet", 384, 448, 8), ("flownet_s", 384, 448, 8),
+            ("flownet_c", 384, 448, 8), ("spynet", 384, 512, 8))
+PREFIX = "@@ "  # worker -> parent protocol lines on stdout; everything else is passed through to stderr
+MATMUL_N = 2048
 
 
-def peak_rss_mib() -> float:
+def _usable_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def _peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def measure_peak_flops(dtype, n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of an n x n x n matmul per device, run on every device at once (sharded batch of matmuls)."""
-  from jaxflow import parallel
-  mesh = parallel.make_mesh()
-  d = mesh.devices.size
-  sharding = parallel.data_sharding(mesh)
-  a = jax.device_put(jnp.ones((d, n, n), dtype), sharding)
-  b = jax.device_put(jnp.ones((d, n, n), dtype), sharding)
-  f = jax.jit(lambda x, y: jnp.einsum("bij,bjk->bik", x, y, preferred_element_type=jnp.float32))
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2.0 * d * n ** 3 / min(times)
+def _reply(obj: dict[str, Any]) -> None:
+  sys.stdout.write(PREFIX + json.dumps(obj) + "\n")
+  sys.stdout.flush()
 
 
-def benchmark(model_name: str, height: int, width: int, batch: int, dtype: str, steps: int,
-              peak: float) -> dict:
+def _host_batch(batch: int, height: int, width: int):
+  """Random inputs (B, H, W, ...) float32 numpy: images in [0, 1], flow ~ N(0, 5^2) px, all pixels valid."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  shape = (batch, height, width)
+  return {"image1": rng.random(shape + (3,), dtype=np.float32), "image2": rng.random(shape + (3,), dtype=np.float32),
+          "flow": (rng.standard_normal(shape + (2,)) * 5).astype(np.float32),
+          "valid": np.ones(shape, np.float32)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Workers (run as `--worker jax|torch --spec JSON` subprocesses; import their framework only there)
+
+
+def _command_loop(run_steps, matmul_peak) -> None:
+  """Serves the parent: 'run N' -> step times; 'peak' -> matmul FLOP/s; 'quit'."""
+  for line in sys.stdin:
+    cmd = line.split()
+    if not cmd:
+      continue
+    if cmd[0] == "run":
+      times, cpu = [], []
+      for _ in range(int(cmd[1])):
+        t, c = time.perf_counter(), time.process_time()
+        info = run_steps()
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+      _reply({"times": times, "cpu": cpu, "loss": info["loss"], "peak_rss_mib": _peak_rss_mib()})
+    elif cmd[0] == "peak":
+      _reply({"peak_flops_per_s": matmul_peak()})
+    elif cmd[0] == "quit":
+      _reply({"bye": True, "peak_rss_mib": _peak_rss_mib()})
+      return
+    else:
+      _reply({"error": f"unknown command {line.strip()!r}"})
+
+
+def _jax_worker(spec: dict[str, Any]) -> None:
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+
   from jaxflow import losses, optim, parallel
   from jaxflow import steps as steps_lib
   from jaxflow.models import get_model
   from jaxflow.train_state import create_train_state, make_init_fn
-  model = get_model(model_name, dtype=dtype)
+  t_import = time.time()
+
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["model"].items() if k != "name"}
+  fields["dtype"] = spec["dtype"]
+  model = get_model(spec["model"]["name"], **fields)
+  h, w, b = spec["height"], spec["width"], spec["batch"]
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch, mesh)
-  shape = (batch, height, width, 3)
-  rng = np.random.default_rng(0)
-  host = {"image1": rng.random(shape, dtype=np.float32), "image2": rng.random(shape, dtype=np.float32),
-          "flow": rng.normal(size=shape[:3] + (2,)).astype(np.float32) * 5,
-          "valid": np.ones(shape[:3], np.float32)}
-  n_levels = len(jax.eval_shape(lambda: model.init_with_output(
-      jax.random.key(0), host["image1"][:1], host["image2"][:1])[0])["flows"])
-  loss_cfg = losses.default_config()
-  loss_cfg.weights = losses.FLOWNET_WEIGHTS if n_levels == 5 else (1.0,) * n_levels
-  tx = optim.make_optimizer(optim.default_config(), 1000)
+  parallel.check_batch_size(b, mesh)
+  optim_cfg = optim.default_config()
+  optim_cfg.update(spec["optim"])
+  tx = optim.make_optimizer(optim_cfg, 1_000_000)
+  loss_cfg = ml_collections.ConfigDict(spec["loss"])
   rep = parallel.replicated(mesh)
-  state, abstract = create_train_state(make_init_fn(model, tx, (1, height, width, 3)), 0, rep)
+  state, abstract = create_train_state(make_init_fn(model, tx, (1, h, w, 3)), 0, rep)
+  jax.block_until_ready(state)
+  t_init = time.time()
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
   step_fn = jax.jit(steps_lib.make_train_step(model, tx, functools.partial(losses.compute_loss, loss_cfg)),
                     in_shardings=(state_sharding, parallel.data_sharding(mesh)), out_shardings=(state_sharding, rep),
                     donate_argnums=0)
-  batch_arrays = parallel.to_global(host, mesh)
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch_arrays).compile()
-  compile_s = time.perf_counter() - t0
+  batch = parallel.to_global(_host_batch(b, h, w), mesh)
+  jax.block_until_ready(batch)
+  t_data = time.time()
+  lowered = step_fn.lower(state, batch)
+  if spec.get("lower_only"):  # diagnostics: is the lowered step identical across processes?
+    import hashlib
+    _reply({"stablehlo_sha256": hashlib.sha256(lowered.as_text().encode()).hexdigest(),
+            "stablehlo_debug_sha256": hashlib.sha256(lowered.as_text(debug_info=True).encode()).hexdigest()})
+    return
+  compiled = lowered.compile()
+  t_compile = time.time()
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  t_first = time.time()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  bytes_accessed = float(cost.get("bytes accessed", float("nan"))) if cost else float("nan")
-  state, metrics = compiled(state, batch_arrays)
-  jax.block_until_ready(metrics)
-  first_step_s = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch_arrays)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
-  # XLA's cost analysis of an SPMD-partitioned module counts one device's share; scale to the whole mesh.
   devices = mesh.devices.size
-  total_flops = flops * devices
-  achieved = total_flops / step_s
-  return {"model": model_name, "dtype": dtype, "height": height, "width": width, "batch": batch,
-          "devices": devices, "compile_s": compile_s, "first_step_s": first_step_s, "step_s": step_s,
-          "pairs_per_s": batch / step_s, "flops_per_step": total_flops, "bytes_accessed_per_step": bytes_accessed * devices,
-          "achieved_flops_per_s": achieved, "peak_flops_per_s": peak, "fraction_of_peak": achieved / peak,
-          "loss": float(metrics["loss"]), "peak_rss_mib": peak_rss_mib()}
+  # The cost analysis of an SPMD-partitioned module counts one device's share: scale to the whole mesh.
+  flops = float(cost.get("flops", float("nan"))) * devices if cost else float("nan")
+  bytes_accessed = float(cost.get("bytes accessed", float("nan"))) * devices if cost else float("nan")
+  t0 = spec["t0"]
+  _reply({"import_s": t_import - t0, "init_s": t_init - t_import, "data_s": t_data - t_init,
+          "compile_s": t_compile - t_data, "first_step_s": t_first - t0, "flops_per_step": flops,
+          "bytes_accessed_per_step": bytes_accessed, "devices": devices, "backend": jax.default_backend(),
+          "loss": float(metrics["loss"]), "peak_rss_mib": _peak_rss_mib(), "jax_version": jax.__version__})
+  if spec.get("first_step_only"):
+    return
+  holder = {"state": state}
+
+  def run_step():
+    holder["state"], m = compiled(holder["state"], batch)
+    return {"loss": float(jax.block_until_ready(m)["loss"])}
+
+  for _ in range(spec["warmup"]):
+    run_step()
+
+  def matmul_peak() -> float:
+    dtype = jnp.dtype(spec["dtype"])
+    sharding = parallel.data_sharding(mesh)
+    x = jax.device_put(jnp.ones((devices, MATMUL_N, MATMUL_N), dtype), sharding)
+    y = jax.device_put(jnp.ones((devices, MATMUL_N, MATMUL_N), dtype), sharding)
+    f = jax.jit(lambda p, q: jnp.einsum("bij,bjk->bik", p, q, preferred_element_type=jnp.float32))
+    f(x, y).block_until_ready()
+    best = float("inf")
+    for _ in range(8):
+      t = time.perf_counter()
+      f(x, y).block_until_ready()
+      best = min(best, time.perf_counter() - t)
+    return 2.0 * devices * MATMUL_N ** 3 / best
+
+  _reply({"ready": True})
+  _command_loop(run_step, matmul_peak)
+
+
+def _torch_worker(spec: dict[str, Any]) -> None:
+  import torch
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  from experiments.benchmarks import torch_reference as tr
+  t_import = time.time()
+  torch.set_num_threads(spec["torch_threads"])
+  torch.manual_seed(0)
+  model = tr.build(spec["model"]["name"], **{k: v for k, v in spec["model"].items() if k != "name"})
+  step = tr.make_train_step(model, spec["loss"], spec["optim"], spec["dtype"])
+  host = _host_batch(spec["batch"], spec["height"], spec["width"])
+  batch = {k: torch.from_numpy(v.transpose(0, 3, 1, 2).copy() if v.ndim == 4 else v) for k, v in host.items()}
+  t_init = time.time()
+  info = step(batch)
+  t_first = time.time()
+  _reply({"import_s": t_import - spec["t0"], "init_s": t_init - t_import, "first_step_s": t_first - spec["t0"],
+          "loss": info["loss"], "params": tr.param_count(model), "threads": torch.get_num_threads(),
+          "peak_rss_mib": _peak_rss_mib(), "torch_version": torch.__version__})
+  for _ in range(spec["warmup"]):
+    step(batch)
+
+  def matmul_peak() -> float:
+    dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else torch.float32
+    x = torch.ones(MATMUL_N, MATMUL_N, dtype=dtype)
+    y = torch.ones(MATMUL_N, MATMUL_N, dtype=dtype)
+    torch.mm(x, y)
+    best = float("inf")
+    for _ in range(8):
+      t = time.perf_counter()
+      torch.mm(x, y)
+      best = min(best, time.perf_counter() - t)
+    return 2.0 * MATMUL_N ** 3 / best
+
+  _reply({"ready": True})
+  _command_loop(lambda: step(batch), matmul_peak)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parent
+
+
+class Worker:
+  """A worker subprocess; `request` sends a command line and returns its JSON reply."""
+
+  def __init__(self, kind: str, spec: dict[str, Any], env: dict[str, str]):
+    spec = dict(spec, t0=time.time())
+    self.kind = kind
+    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", kind, "--spec",
+                                  json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                 text=True, bufsize=1)
+
+  def read(self) -> dict[str, Any]:
+    for line in self.proc.stdout:
+      if line.startswith(PREFIX):
+        reply = json.loads(line[len(PREFIX):])
+        if "error" in reply:
+          raise RuntimeError(f"{self.kind} worker: {reply['error']}")
+        return reply
+      sys.stderr.write(f"[{self.kind}] {line}")
+    code = self.proc.wait()
+    raise RuntimeError(f"{self.kind} worker exited with code {code} before answering (see its stderr above)")
+
+  def request(self, command: str) -> dict[str, Any]:
+    self.proc.stdin.write(command + "\n")
+    self.proc.stdin.flush()
+    return self.read()
+
+  def close(self) -> dict[str, Any] | None:
+    reply = None
+    if self.proc.poll() is None:
+      try:
+        reply = self.request("quit")
+      except (RuntimeError, BrokenPipeError):
+        pass
+      try:
+        self.proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    return reply
+
+
+def _model_settings(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """(model fields, loss config, optim config) of configs/<name>.py:chairs, as plain JSON-able dicts.
+
+  The benchmark trains every parameter (SpyNet's per-stage freezing is not applied), with the paper config's
+  loss (weights, div_flow, reduction) and optimiser (Adam, coupled decay 4e-4 on kernels, base lr).
+  """
+  import importlib
+  config = importlib.import_module(f"configs.{name}").get_config("chairs")
+  plain = lambda d: {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.to_dict().items()}
+  model = plain(config.model)
+  model.pop("dtype", None)
+  return model, plain(config.loss), plain(config.optim)
+
+
+def _jax_env(devices: int, cache_dir: str) -> dict[str, str]:
+  env = dict(os.environ)
+  flags = env.get("XLA_FLAGS", "")
+  if devices > 1:
+    flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  if flags:
+    env["XLA_FLAGS"] = flags
+  env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
+  env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  return env
+
+
+def _git_commit() -> str:
+  try:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         timeout=10)
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+  """One configuration: cold + warm jaxflow workers, a torch worker, A/B rounds; returns the result dict."""
+  model, loss, optim_cfg = _model_settings(name)
+  spec = {"model": model, "loss": loss, "optim": optim_cfg, "height": height, "width": width, "batch": batch,
+          "dtype": args.dtype, "warmup": args.warmup, "torch_threads": args.torch_threads}
+  result: dict[str, Any] = {
+      "model": name, "dtype": args.dtype, "height": height, "width": width, "batch": batch,
+      "jax_devices": args.jax_devices, "torch_threads": args.torch_threads,
+      "torch_omp_wait_policy": args.torch_omp_wait, "steps": args.steps,
+      "rounds": args.rounds, "warmup": args.warmup, "cores": _usable_cores(), "cpu": _cpu_model(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": _git_commit(),
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "loadavg_start": os.getloadavg()[0], "loss_config": loss}
+  with tempfile.TemporaryDirectory(prefix="jaxflow_bench_cache_") as cache:
+    env = _jax_env(args.jax_devices, cache)
+    if not args.skip_cold:
+      # Cold: a fresh process, empty persistent compilation cache (it fills it).
+      cold = Worker("jax", dict(spec, first_step_only=True), env)
+      try:
+        c = cold.read()
+      finally:
+        cold.close()
+        cold.proc.wait()
+      result.update(first_step_s=c["first_step_s"], compile_s=c["compile_s"], init_s=c["init_s"],
+                    import_s=c["import_s"], peak_rss_cold_mib=c["peak_rss_mib"])
+      print(f"  cold start: first step after {c['first_step_s']:.1f} s (import {c['import_s']:.1f}, init "
+            f"{c['init_s']:.1f}, compile {c['compile_s']:.1f}); {c['flops_per_step'] / 1e9:.1f} GFLOP, "
+            f"{c['bytes_accessed_per_step'] / 1e9:.2f} GB per step", flush=True)
+    # Warm: a second fresh process reusing the cache; it stays up as the measured jaxflow worker.
+    jaxw = Worker("jax", spec, env)
+    torchw = None
+    try:
+      wm = jaxw.read()
+      result.update(first_step_warm_s=wm["first_step_s"], compile_warm_s=wm["compile_s"],
+                    flops_per_step=wm["flops_per_step"], bytes_accessed_per_step=wm["bytes_accessed_per_step"],
+                    backend=wm["backend"], jax_version=wm["jax_version"])
+      print(f"  {'' if args.skip_cold else 'warm '}start: first step after {wm['first_step_s']:.1f} s (compile "
+            f"{wm['compile_s']:.1f})", flush=True)
+      jaxw.read()  # ready (warmed up)
+      if not args.no_torch:
+        torch_env = dict(os.environ)
+        if args.torch_omp_wait != "default":
+          torch_env["OMP_WAIT_POLICY"] = args.torch_omp_wait.upper()
+        torchw = Worker("torch", spec, torch_env)
+        tm = torchw.read()
+        result.update(torch_first_step_s=tm["first_step_s"], torch_params=tm["params"],
+                      torch_threads=tm["threads"], torch_version=tm["torch_version"])
+        torchw.read()
+      peaks = {"jax": jaxw.request("peak")["peak_flops_per_s"]}
+      if torchw:
+        peaks["torch"] = torchw.request("peak")["peak_flops_per_s"]
+      times: dict[str, list[float]] = {"jax": [], "torch": []}
+      cpu: dict[str, list[float]] = {"jax": [], "torch": []}
+      for r in range(args.rounds):
+        for key, wk in (("jax", jaxw), ("torch", torchw)):
+          if wk is None:
+            continue
+          rep = wk.request(f"run {args.steps}")
+          times[key] += rep["times"]
+          cpu[key] += rep["cpu"]
+          result[f"{key}_loss"] = rep["loss"]
+        print(f"  round {r + 1}/{args.rounds}: jaxflow {statistics.median(times['jax'][-args.steps:]):.3f} s/step"
+              + (f", torch {statistics.median(times['torch'][-args.steps:]):.3f} s/step" if torchw else ""),
+              flush=True)
+      result["peak_rss_mib"] = jaxw.close()["peak_rss_mib"]
+      if torchw:
+        result["torch_peak_rss_mib"] = torchw.close()["peak_rss_mib"]
+    finally:
+      jaxw.close()
+      if torchw:
+        torchw.close()
+  peak = max(peaks.values())
+  step_s = statistics.median(times["jax"])
+  result.update(step_times=times["jax"], step_s=step_s, cpu_s_per_step=statistics.median(cpu["jax"]),
+                pairs_per_s=batch / step_s, achieved_gflops=result["flops_per_step"] / step_s / 1e9,
+                peak_gflops=peak / 1e9, jax_matmul_gflops=peaks["jax"] / 1e9,
+                fraction_of_peak=result["flops_per_step"] / step_s / peak, loadavg_end=os.getloadavg()[0])
+  if torchw:
+    t_step = statistics.median(times["torch"])
+    result.update(torch_step_times=times["torch"], torch_step_s=t_step,
+                  torch_cpu_s_per_step=statistics.median(cpu["torch"]), torch_pairs_per_s=batch / t_step,
+                  ratio=t_step / step_s, torch_achieved_gflops=result["flops_per_step"] / t_step / 1e9,
+                  torch_fraction_of_peak=result["flops_per_step"] / t_step / peak,
+                  torch_matmul_gflops=peaks["torch"] / 1e9)
+  return result
+
+
+# Datasheet peaks of one accelerator (dense; no structured sparsity), FLOP/s and HBM bytes/s:
+#   NVIDIA A100 SXM 80GB datasheet: FP32 19.5 TFLOP/s, TF32 Tensor Core 156, BF16 Tensor Core 312; HBM2e
+#     2,039 GB/s (the 40GB A100: 1,555 GB/s).
+#   NVIDIA H100 SXM5 datasheet: FP32 67 TFLOP/s, TF32 Tensor Core 494.7 (989 with sparsity), BF16 989.4
+#     (1,979 with sparsity); HBM3 3.35 TB/s.
+#   Google Cloud TPU v4 (per chip, 2 TensorCores): 275 TFLOP/s bf16, 1,200 GB/s HBM2; per core half of each.
+#   Google Cloud TPU v5e (per chip = 1 TensorCore): 197 TFLOP/s bf16, 819 GB/s HBM2.
+ACCELERATORS = (
+    # name, {dtype: peak FLOP/s}, bytes/s
+    ("A100 SXM (FP32 / BF16)", {"float32": 19.5e12, "bfloat16": 312e12}, 2.039e12),
+    ("A100 SXM (TF32 convs)", {"float32": 156e12}, 2.039e12),
+    ("H100 SXM (FP32 / BF16)", {"float32": 67e12, "bfloat16": 989.4e12}, 3.35e12),
+    ("TPU v4 core (BF16)", {"bfloat16": 137.5e12}, 0.6e12),
+    ("TPU v5e chip (BF16)", {"bfloat16": 197e12}, 0.819e12),
+)
+
+
+def roofline(results: list[dict[str, Any]], pipeline_pairs_per_core_s: float | None = None) -> str:
+  """A table projecting each measured configuration's step time on one accelerator.
+
+  step = max(flops_per_step / peak, bytes_accessed_per_step / bandwidth) with the datasheet figures above
+  (float32 results against FP32 / TF32 peaks, bfloat16 results against BF16 peaks); the needed input rate is
+  batch / step (pairs/s) and, given the synthetic pipeline's pairs/s per CPU core, the host cores to feed it.
+  This is a lower bound on the step time: it assumes every op runs at peak or at full bandwidth.
+  """
+  lines = ["| model | size, batch | dtype | GFLOP/step | GB/step | accelerator | bound | projected step (ms) "
+           "| pairs/s needed" + (" | pipeline cores |" if pipeline_pairs_per_core_s else " |"),
+           "|---|---|---|---|---|---|---|---|---" + ("|---|" if pipeline_pairs_per_core_s else "|")]
+  for r in results:
+    for acc, peaks, bandwidth in ACCELERATORS:
+      if r["dtype"] not in peaks:
+        continue
+      compute = r["flops_per_step"] / peaks[r["dtype"]]
+      memory = r["bytes_accessed_per_step"] / bandwidth
+      step = max(compute, memory)
+      rate = r["batch"] / step
+      row = (f"| {r['model']} | {r['height']}x{r['width']}, {r['batch']} | {r['dtype']} | "
+             f"{r['flops_per_step'] / 1e9:.0f} | {r['bytes_accessed_per_step'] / 1e9:.1f} | {acc} | "
+             f"{'compute' if compute >= memory else 'memory'} | {1e3 * step:.1f} | {rate:.0f}")
+      if pipeline_pairs_per_core_s:
+        row += f" | {rate / pipeline_pairs_per_core_s:.0f}"
+      lines.append(row + " |")
+  return "\n".join(lines)
+
+
+def _summary(r: dict[str, Any]) -> str:
+  s = (f"{r['model']:9s} {r['dtype']:8s} {r['height']}x{r['width']} b{r['batch']}: jaxflow {r['pairs_per_s']:.2f} "
+       f"pairs/s ({r['step_s']:.2f} s/step, {r['achieved_gflops']:.0f} GFLOP/s = "
+       f"{100 * r['fraction_of_peak']:.0f}% of {r['peak_gflops']:.0f})")
+  if "ratio" in r:
+    s += (f", torch {r['torch_pairs_per_s']:.2f} pairs/s ({100 * r['torch_fraction_of_peak']:.0f}% of peak), "
+          f"ratio {r['ratio']:.2f}")
+  s += f"; {r['flops_per_step'] / 1e9:.0f} GFLOP & {r['bytes_accessed_per_step'] / 1e9:.1f} GB/step; first step "
+  if "first_step_s" in r:
+    s += f"cold {r['first_step_s']:.1f} s (compile {r['compile_s']:.1f} s) / "
+  s += f"warm {r['first_step_warm_s']:.1f} s; peak RSS jaxflow {r['peak_rss_mib']:.0f} MiB"
+  if "peak_rss_cold_mib" in r:
+    s += f" (cold process {r['peak_rss_cold_mib']:.0f})"
+  if "torch_peak_rss_mib" in r:
+    s += f", torch {r['torch_peak_rss_mib']:.0f} MiB"
+  return s
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description="Training-step throughput vs measured matmul peak.")
+  parser = argparse.ArgumentParser(description="Training throughput: jaxflow vs a PyTorch reference, vs the peak.")
   parser.add_argument("--model", choices=MODELS)
-  parser.add_argument("--all", action="store_true", help="all four models in float32 and bfloat16")
+  parser.add_argument("--all", action="store_true",
+                      help="every model at its paper crop and batch, plus PWC-Net 384x512 b8 (see ALL_RUNS)")
   parser.add_argument("--height", type=int, default=128)
-  parser.add_argument("--width", type=int, default=192)
+  parser.add_argument("--width", type=int, default=128)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
+  parser.add_argument("--steps", type=int, default=2, help="steps per framework per round")
+  parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (jaxflow steps, then torch steps)")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first, per worker")
+  parser.add_argument("--jax-devices", type=int, default=1,
+                      help="CPU devices for jaxflow: 1 (intra-op threads) or 2 (a 2-device mesh)")
+  parser.add_argument("--torch-threads", type=int, default=_usable_cores())
+  parser.add_argument("--torch-omp-wait", default="passive", choices=("passive", "active", "default"),
+                      help="OMP_WAIT_POLICY of the torch worker. passive (default): idle OpenMP threads sleep; "
+                           "with active spinning a 2-thread torch step runs 3.5x slower whenever another "
+                           "process competes for the cores (measured here), which would make a shared machine "
+                           "favour jaxflow")
+  parser.add_argument("--no-torch", action="store_true", help="jaxflow only")
+  parser.add_argument("--skip-cold", action="store_true",
+                      help="no cold-start process (first_step_s and peak_rss_cold_mib are then not measured)")
   parser.add_argument("--json", default=None, help="write the results (a list of dicts) to this file")
+  parser.add_argument("--roofline", metavar="JSON", default=None,
+                      help="print the accelerator projection table of a results file and exit")
+  parser.add_argument("--pipeline-rate", type=float, default=None,
+                      help="with --roofline: synthetic pipeline pairs/s per CPU core (pipeline_throughput.py)")
+  parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  parser.add_argument("--spec", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.worker:
+    (_jax_worker if args.worker == "jax" else _torch_worker)(json.loads(args.spec))
+    return 0
+  if args.roofline:
+    with open(args.roofline) as f:
+      print(roofline(json.load(f), args.pipeline_rate))
+    return 0
   if not args.all and not args.model:
     parser.error("give --model NAME or --all")
-  runs = [(m, d) for m in MODELS for d in ("float32", "bfloat16")] if args.all else [(args.model, args.dtype)]
-  print(f"backend {jax.default_backend()}, {jax.device_count()} devices", flush=True)
-  peaks: dict[str, float] = {}
+  for key in ("steps", "rounds", "jax_devices", "torch_threads", "batch", "height", "width"):
+    if getattr(args, key) < 1:
+      parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+  if args.warmup < 0:
+    parser.error("--warmup must be >= 0")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if root not in sys.path:
+    sys.path.insert(0, root)  # `python experiments/benchmarks/train_throughput.py` finds configs/
+  runs = list(ALL_RUNS) if args.all else [(args.model, args.height, args.width, args.batch)]
+  print(f"{_cpu_model()}, {_usable_cores()} usable cores; dtype {args.dtype}; jaxflow on {args.jax_devices} CPU "
+        f"device(s), torch {args.torch_threads} thread(s); {args.rounds} rounds x {args.steps} steps each",
+        flush=True)
   results = []
-  for model_name, dtype in runs:
-    if dtype not in peaks:
-      peaks[dtype] = measure_peak_flops(jnp.dtype(dtype))
-      print(f"measured matmul peak ({dtype}): {peaks[dtype] / 1e9:.1f} GFLOP/s", flush=True)
-    r = benchmark(model_name, args.height, args.width, args.batch, dtype, args.steps, peaks[dtype])
+  for name, h, w, b in runs:
+    print(f"{name} {h}x{w} batch {b} {args.dtype}", flush=True)
+    r = benchmark(name, h, w, b, args)
     results.append(r)
-    print(f"{model_name:10s} {dtype:8s} {args.height}x{args.width} b{args.batch}: compile {r['compile_s']:.1f} s, "
-          f"first step {r['first_step_s']:.1f} s, step {r['step_s'] * 1e3:.0f} ms, {r['pairs_per_s']:.2f} pairs/s, "
-          f"{r['flops_per_step'] / 1e9:.2f} GFLOP/step, {r['bytes_accessed_per_step'] / 1e9:.2f} GB/step, "
-          f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['fraction_of_peak']:.1f}% of peak, "
-          f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=2)
+    print(_summary(r), flush=True)
+    if args.json:  # rewritten after every configuration, so a long --all run keeps what it measured
+      with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+  if len(results) > 1:
+    print("\nsummary")
+    for r in results:
+      print(_summary(r))
   return 0
 
 
