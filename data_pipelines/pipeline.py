@@ -167,12 +167,17 @@ def train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0, pro
   p_off = process_index * b
 
   if name == "synthetic_chairs" or name in _GENERATORS:
-    gen = _make_generator(config, name)
     # Local example j of this process -> global index (j // b) * B + p * b + j % b.
     ds = tf.data.Dataset.range(start_step * b, 2 ** 62)
     ds = ds.map(lambda j: (j // b) * big_b + p_off + j % b)
-    ds = ds.map(lambda gi: augment_lib.augment(gen(seed, gi), seed, gi, aug_cfg, crop),
-                num_parallel_calls=parallel, deterministic=True)
+    if name in _GENERATORS:
+      gen = _make_generator(config, name)
+      ds = ds.map(lambda gi: augment_lib.augment(gen(seed, gi), seed, gi, aug_cfg, crop),
+                  num_parallel_calls=parallel, deterministic=True)
+    else:  # The generator renders the augmented crop directly (same draws as augment.augment).
+      from data_pipelines import synthetic_chairs
+      gen = synthetic_chairs.make_generator(d.synthetic, aug_cfg, crop)
+      ds = ds.map(lambda gi: gen(seed, gi), num_parallel_calls=parallel, deterministic=True)
   else:
     files = _file_sets("train")[name](config)
     n = len(files)

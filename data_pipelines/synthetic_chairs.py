@@ -38,10 +38,8 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 import tensorflow as tf
-# XLA dynamic (update-)slice: the z-buffer merges per-chair windows in place instead of scattering.
-from tensorflow.compiler.tf2xla.python import xla as _xla
-
 from data_pipelines import assets
+from data_pipelines import augment as augment_lib
 
 # Reference width (px) of the motion parameters: pixel displacements are scaled by image width / 512.
 REFERENCE_WIDTH = 512
@@ -106,33 +104,6 @@ def _similarity(scale_x: tf.Tensor, scale_y: tf.Tensor, angle: tf.Tensor) -> tf.
   return tf.stack([tf.stack([c * scale_x, -s * scale_y], -1), tf.stack([s * scale_x, c * scale_y], -1)], -2)
 
 
-def _linear_stretch_bound(m: ml_collections.ConfigDict) -> float:
-  """Upper bound of the largest singular value of the background and chair motion matrices combined."""
-  t = m.truncation
-  return math.exp(t * (m.bg_zoom_sigma + m.bg_squeeze_sigma + m.chair_zoom_sigma + m.chair_squeeze_sigma))
-
-
-def _size_classes(kmax: int) -> int:
-  """Number of chair size classes (each with its own static window size in the renderer)."""
-  return max(1, min(3, kmax))
-
-
-def _window_sizes(cfg: ml_collections.ConfigDict, content_radius: float, stretch: float) -> list[int]:
-  """Per size class, the side (px) of a square window that surely holds a chair's footprint.
-
-  content_radius: largest distance (sprite px) of an opaque sprite pixel from the sprite centre; stretch: bound
-  of the linear maps' largest singular value relative to the placement scale (1 for frame 1).
-  """
-  w = cfg.image_size[1]
-  classes = _size_classes(int(cfg.num_chairs[1]))
-  lo, hi = math.log(cfg.chair_size[0] * w), math.log(cfg.chair_size[1] * w)
-  out = []
-  for c in range(classes):
-    scale = math.exp(lo + (c + 1) / classes * (hi - lo)) / cfg.sprite_size
-    out.append(int(math.ceil(2.0 * content_radius * scale * stretch)) + 4)
-  return out
-
-
 def draw_random(cfg: ml_collections.ConfigDict, num_backgrounds: int, num_sprites: int, seed: tf.Tensor,
                 index: tf.Tensor) -> dict[str, tf.Tensor]:
   """The raw random draws of example `index`: stateless Philox, a pure function of (seed, index).
@@ -157,8 +128,7 @@ def draw_random(cfg: ml_collections.ConfigDict, num_backgrounds: int, num_sprite
     return tf.random.stateless_normal(shape, sub(i), alg="philox")
 
   count = tf.random.stateless_uniform([], sub(3), kmin, kmax + 1, dtype=tf.int32, alg="philox")
-  # Depth ranks: a random permutation (higher = in front); the chairs of rank < count are drawn. Slot k belongs
-  # to size class k * classes // kmax (see _size_classes); ranks are independent of the class.
+  # Depth ranks: a random permutation (higher = in front); the chairs of rank < count are drawn.
   rank = tf.cast(tf.argsort(tf.argsort(uniform(7, [kmax]))), tf.int32)
   return {
       "background": tf.random.stateless_uniform([], sub(0), 0, num_backgrounds, dtype=tf.int32, alg="philox"),
@@ -202,11 +172,7 @@ def parameters_from_draws(cfg: ml_collections.ConfigDict, raw: dict[str, tf.Tens
   # Chairs.
   u = raw["chair_u"]
   pos = tf.stack([u[:, 0] * w, u[:, 1] * h], -1) - 0.5
-  # Log-uniform size, stratified by slot class so the renderer can use smaller windows for smaller classes;
-  # with equal class counts the marginal is exactly log-uniform over chair_size.
-  classes = _size_classes(kmax)
-  cls = tf.constant([k * classes // kmax for k in range(kmax)], tf.float32)
-  size_px = _loguniform((cls + u[:, 2]) / classes, cfg.chair_size[0] * w, cfg.chair_size[1] * w)
+  size_px = _loguniform(u[:, 2], cfg.chair_size[0] * w, cfg.chair_size[1] * w)  # Log-uniform side.
   scale = size_px / cfg.sprite_size
   angle = (2.0 * u[:, 3] - 1.0) * m.chair_initial_rotation * (math.pi / 180.0)
   flip = tf.where(u[:, 4] < m.chair_flip_probability, -1.0, 1.0)
@@ -230,6 +196,9 @@ def parameters_from_draws(cfg: ml_collections.ConfigDict, raw: dict[str, tf.Tens
 # ------------------------------------------------------------------------------------------------------------
 # Rendering (one XLA cluster).
 
+_TILE = 8  # Chair coverage is evaluated in TILE x TILE pixel tiles covering each chair's bounding box.
+_CHUNK = 256  # Tiles per iteration of the coverage loop (16384 pixels).
+
 
 def _invert(a: tf.Tensor, b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """Inverse of x -> a @ x + b for (..., 2, 2), (..., 2)."""
@@ -239,9 +208,15 @@ def _invert(a: tf.Tensor, b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   return inv, -tf.linalg.matvec(inv, b)
 
 
-def _apply(a: tf.Tensor, b: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """Per-element affine map of coordinates; a (..., 2, 2) and b (..., 2) broadcast against x, y."""
-  return (a[..., 0, 0] * x + a[..., 0, 1] * y + b[..., 0], a[..., 1, 0] * x + a[..., 1, 1] * y + b[..., 1])
+def _compose(outer: tuple[tf.Tensor, tf.Tensor], inner: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+  """outer o inner for affine maps (a (..., 2, 2), b (..., 2)); batch dimensions broadcast."""
+  (a1, b1), (a2, b2) = outer, inner
+  return tf.matmul(a1, a2), tf.linalg.matvec(a1, b2) + b1
+
+
+def _rows(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+  """Affine maps as rows [a00, a01, a10, a11, b0, b1], (..., 6)."""
+  return tf.concat([tf.reshape(a, tf.concat([tf.shape(b)[:-1], [4]], 0)), b], -1)
 
 
 def _gather_columns(table: tf.Tensor, index: tf.Tensor) -> list[tf.Tensor]:
@@ -256,111 +231,172 @@ def _pack_rgb(images: np.ndarray) -> np.ndarray:
   return packed.reshape(images.shape[0], -1)
 
 
+def _sprite_boxes(sprites: np.ndarray) -> np.ndarray:
+  """float32 (N, 4) [xmin, ymin, xmax, ymax] of each sprite's opaque (alpha > 127) texels; [1, 1, 0, 0] if none."""
+  out = np.tile(np.array([1.0, 1.0, 0.0, 0.0], np.float32), (sprites.shape[0], 1))
+  opaque = sprites[..., 3] > 127
+  cols, rows = opaque.any(1), opaque.any(2)
+  for i in range(sprites.shape[0]):
+    xs, ys = np.nonzero(cols[i])[0], np.nonzero(rows[i])[0]
+    if xs.size:
+      out[i] = (xs[0], ys[0], xs[-1], ys[-1])
+  return out
+
+
+# Bilinear weights are quantised to 1/64 pixel (6 bits per axis), so the four weights sum to 4096 exactly.
+_SUBPIXEL = 64
+_LANE = 21  # Bits per colour lane of the int64 accumulators (255 * 4096 < 2 ** 21).
+IMAGE_SCALE = 1.0 / (255 * _SUBPIXEL * _SUBPIXEL)  # Packed lane value -> [0, 1].
+
+
 def _bilinear_packed(flat: tf.Tensor, base: tf.Tensor, height: tf.Tensor, width: tf.Tensor, x: tf.Tensor,
                      y: tf.Tensor) -> tf.Tensor:
-  """Bilinear RGB samples in [0, 1], (..., 3), from packed colours `flat` (see _pack_rgb) of images whose
-  pixels start at row `base` with size (`height`, `width`) (all broadcast with x); coordinates are clamped."""
+  """Bilinear RGB samples from packed colours `flat` (see _pack_rgb) of images whose pixels start at index
+  `base` with size (`height`, `width`) (all broadcast with x); coordinates are clamped.
+
+  Returns one int64 per sample holding the three interpolated channels in 21-bit lanes (r + g << 21 + b << 42),
+  each = sum of tap value (0..255) x quantised weight (the weights sum to 4096): one output per pixel, so XLA
+  computes the coordinates and gathers once (an (N, 3) float output would redo them per channel). Decode with
+  `unpack_rgb`.
+  """
   x = tf.clip_by_value(x, 0.0, tf.cast(width - 1, tf.float32))
   y = tf.clip_by_value(y, 0.0, tf.cast(height - 1, tf.float32))
   x0f, y0f = tf.floor(x), tf.floor(y)
-  fx, fy = x - x0f, y - y0f
+  wx = tf.cast(tf.floor((x - x0f) * _SUBPIXEL + 0.5), tf.int64)
+  wy = tf.cast(tf.floor((y - y0f) * _SUBPIXEL + 0.5), tf.int64)
   x0, y0 = tf.cast(x0f, tf.int32), tf.cast(y0f, tf.int32)
-  x1, y1 = tf.minimum(x0 + 1, width - 1), tf.minimum(y0 + 1, height - 1)
-  taps = [(tf.gather(flat, base + yy * width + xx), wt) for yy, xx, wt in (
-      (y0, x0, (1 - fx) * (1 - fy)), (y0, x1, fx * (1 - fy)), (y1, x0, (1 - fx) * fy), (y1, x1, fx * fy))]
-  chans = []
-  for shift in (0, 8, 16):
-    acc = 0.0
-    for v, wt in taps:
-      acc += tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(v, shift), 255), tf.float32) * wt
-    chans.append(acc)
-  return tf.clip_by_value(tf.stack(chans, -1) * (1.0 / 255.0), 0.0, 1.0)  # Rounding could leave 1 + 1e-7.
+  dx = tf.where(x0 < width - 1, 1, 0)
+  dy = tf.where(y0 < height - 1, width, 0)
+  i00 = base + y0 * width + x0
+  acc = None
+  for i, wt in ((i00, (_SUBPIXEL - wx) * (_SUBPIXEL - wy)), (i00 + dx, wx * (_SUBPIXEL - wy)),
+                (i00 + dy, (_SUBPIXEL - wx) * wy), (i00 + dx + dy, wx * wy)):
+    v = tf.cast(tf.gather(flat, i), tf.int64)
+    lanes = (tf.bitwise.bitwise_and(v, 255) + tf.bitwise.left_shift(tf.bitwise.bitwise_and(v, 0xFF00), _LANE - 8)
+             + tf.bitwise.left_shift(tf.bitwise.bitwise_and(v, 0xFF0000), 2 * _LANE - 16))
+    acc = lanes * wt if acc is None else acc + lanes * wt
+  return acc
+
+
+def unpack_rgb(packed: tf.Tensor) -> tf.Tensor:
+  """int64 (...) packed bilinear samples (see _bilinear_packed) -> float32 (..., 3) RGB in [0, 1]."""
+  mask = (1 << _LANE) - 1
+  chans = [tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed, k * _LANE), mask) for k in range(3)]
+  return tf.cast(tf.stack(chans, -1), tf.float32) * IMAGE_SCALE
 
 
 def _reflect(x: tf.Tensor, size: int) -> tf.Tensor:
-  """Mirror-reflects coordinates into [0, size - 1] (whole-sample symmetric)."""
-  period = 2.0 * (size - 1)
-  r = tf.math.floormod(x, period)
-  return (size - 1) - tf.abs(r - (size - 1))
+  """Mirror-reflects coordinates in [-(size - 1), 2 (size - 1)] into [0, size - 1] (whole-sample symmetric);
+  farther ones are clamped."""
+  m = float(size - 1)
+  return tf.clip_by_value(m - tf.abs(m - tf.abs(x)), 0.0, m)
+
+
+def _round(x: tf.Tensor) -> tf.Tensor:
+  """Nearest integer (ties up) as int32: floor(x + 1/2) vectorises under XLA, unlike round-half-even."""
+  return tf.cast(tf.floor(x + 0.5), tf.int32)
 
 
 def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape: tuple,
-                   content_radius: float) -> Callable:
+                   out_size: tuple[int, int]) -> Callable:
+  """The XLA-compiled renderer: render(raw, geo, backgrounds, sprite_rgb, sprite_alpha, sprite_box) -> dict.
+
+  geo: float32 (12,) output->source maps of the two frames, [M1 (4, row-major), t1 (2), M2 (4), t2 (2)]: output
+  pixel x of frame f shows source-frame pixel M_f x + t_f (identity maps: the plain generator; augmentation
+  maps: the augmented crop rendered directly). Output size `out_size` (hc, wc).
+  """
   h, w = (int(v) for v in cfg.image_size)
-  _, hb, wb, _ = bg_shape
+  hc, wc = (int(v) for v in out_size)
+  nbg, hb, wb, _ = bg_shape
   _, s, _, _ = sprite_shape
   kmax = int(cfg.num_chairs[1])
-  classes = _size_classes(kmax)
-  groups = [[k for k in range(kmax) if k * classes // kmax == c] for c in range(classes)]
-  wins = [_window_sizes(cfg, content_radius, 1.0), _window_sizes(cfg, content_radius, _linear_stretch_bound(cfg.motion))]
-  npix = h * w
+  tile, chunk = _TILE, _CHUNK
 
-  def layer_map(a_inv, b_inv, centre, alpha_sel, value, wins):
-    """Z-buffer: (H*W,) int32 top-layer value per pixel (0 = background, else the chair's `value`).
+  def coverage(q_rows, box, value, alpha_flat, alpha_base):
+    """Z-buffer: (hc * wc,) int32 top layer value per pixel (0 = background, else the chair's `value`).
 
-    Chair k's coverage (nearest alpha > 127) is evaluated in a window of its size class around its centre and
-    merged with a max through dynamic slice / update (memory traffic only inside the windows, no scatter) on a
-    uint8 canvas. A window is shifted (clipped) to stay inside the canvas; this never loses in-frame pixels of
-    its chair: a chair whose centre c is less than win/2 from the canvas edge only covers pixels within
-    c + win/2 < win of that edge, all inside the clipped window. The canvas is the frame itself, padded only
-    when a window is larger than the frame.
+    Chair k covers output pixel x when its sprite texel nearest to Q_k(x) (Q_k = q_rows[k], output -> sprite) has
+    alpha > 127. Only the pixels of TILE x TILE tiles over each chair's bounding box `box` (x0, y0, x1, y1
+    inclusive, clipped to the frame) are tested: the tiles of all chairs are numbered consecutively and processed
+    CHUNK at a time in a while loop whose trip count follows the actual chair area, each chunk merged into the
+    z-buffer with a scatter-max (the front-most chair has the largest value).
     """
-    pad = max(0, -(-(max(wins) - min(h, w)) // 2))
-    canvas = tf.zeros([h + 2 * pad, w + 2 * pad], tf.uint8)
-    for slots, win in zip(groups, wins):
-      if not slots:
-        continue
-      sl = slice(slots[0], slots[-1] + 1)
-      hi = tf.constant([w + 2 * pad - win, h + 2 * pad - win], tf.int32)
-      origin = tf.clip_by_value(tf.cast(tf.round(centre[sl]), tf.int32) - win // 2 + pad, 0, hi)
-      r = tf.range(win, dtype=tf.int32)
-      gx = tf.cast(origin[:, 0, None, None] - pad + r[None, None, :], tf.float32)  # (k, 1, win) frame coords.
-      gy = tf.cast(origin[:, 1, None, None] - pad + r[None, :, None], tf.float32)  # (k, win, 1)
-      ux, uy = _apply(a_inv[sl, None, None], b_inv[sl, None, None], gx, gy)  # Sprite coords, (k, win, win).
-      ix, iy = tf.cast(tf.round(ux), tf.int32), tf.cast(tf.round(uy), tf.int32)
-      in_sprite = (ix >= 0) & (ix < s) & (iy >= 0) & (iy < s)
-      k = tf.range(slots[0], slots[-1] + 1, dtype=tf.int32)[:, None, None]
-      idx = k * s * s + tf.clip_by_value(iy, 0, s - 1) * s + tf.clip_by_value(ix, 0, s - 1)
-      alpha = tf.gather(tf.reshape(alpha_sel, [-1]), idx)
-      vals = tf.where(in_sprite & (alpha > 127), tf.cast(value[sl, None, None], tf.uint8), tf.zeros([], tf.uint8))
-      for i in range(len(slots)):
-        start = tf.stack([origin[i, 1], origin[i, 0]])
-        old = _xla.dynamic_slice(canvas, start, [win, win])
-        canvas = _xla.dynamic_update_slice(canvas, tf.maximum(old, vals[i]), start)
-    return tf.cast(tf.reshape(canvas[pad:pad + h, pad:pad + w], [-1]), tf.int32)
+    if kmax == 0:
+      return tf.zeros([hc * wc], tf.int32)
+    x0, y0, x1, y1 = box[:, 0], box[:, 1], box[:, 2], box[:, 3]
+    present = (value > 0) & (x1 >= x0) & (y1 >= y0)
+    tiles_w = (x1 - x0 + tile) // tile
+    ntiles = tf.where(present, tiles_w * ((y1 - y0 + tile) // tile), 0)
+    ends = tf.cumsum(ntiles)
+    starts = ends - ntiles
+    total = tf.reduce_sum(ntiles)
+    q = [q_rows[:, j] for j in range(6)]
+    r = tf.range(tile, dtype=tf.int32)
 
-  @tf.function(jit_compile=True)
-  def render(raw, backgrounds, sprite_rgb, sprite_alpha):
+    def body(i, z):
+      g = i * chunk + tf.range(chunk, dtype=tf.int32)
+      kid = tf.minimum(tf.reduce_sum(tf.cast(ends[None, :] <= g[:, None], tf.int32), 1), kmax - 1)
+      local = g - tf.gather(starts, kid)
+      tw = tf.gather(tiles_w, kid)
+      ty = local // tw
+      tx = local - ty * tw
+      col = lambda t: tf.gather(t, kid)[:, None, None]
+      x = col(x0) + (tx * tile)[:, None, None] + r[None, None, :]  # (chunk, 1, tile)
+      y = col(y0) + (ty * tile)[:, None, None] + r[None, :, None]  # (chunk, tile, 1)
+      inside = (g < total)[:, None, None] & (x <= col(x1)) & (y <= col(y1))
+      xf, yf = tf.cast(x, tf.float32), tf.cast(y, tf.float32)
+      ix = _round(col(q[0]) * xf + col(q[1]) * yf + col(q[4]))
+      iy = _round(col(q[2]) * xf + col(q[3]) * yf + col(q[5]))
+      in_sprite = (ix >= 0) & (ix < s) & (iy >= 0) & (iy < s)
+      idx = col(alpha_base) + tf.clip_by_value(iy, 0, s - 1) * s + tf.clip_by_value(ix, 0, s - 1)
+      alpha = tf.gather(alpha_flat, idx)
+      val = tf.where(inside & in_sprite & (alpha > 127), col(value), 0)
+      pix = tf.where(inside, y * wc + x, 0)
+      z = tf.tensor_scatter_nd_max(z, tf.reshape(pix, [-1, 1]), tf.reshape(val, [-1]))
+      return i + 1, z
+
+    n_iter = (total + chunk - 1) // chunk
+    _, z = tf.while_loop(lambda i, z: i < n_iter, body, (tf.constant(0), tf.zeros([hc * wc], tf.int32)))
+    return z
+
+  @tf.function(jit_compile=True, autograph=False)
+  def render(raw, geo, table, alpha, sprite_box):
     p = parameters_from_draws(cfg, raw)
-    # Assets arrive packed: colours as int32 r + 256 g + 65536 b, sprite alpha separately.
-    alpha_sel = tf.gather(sprite_alpha, p["sprite"])  # (K, S, S) uint8
-    # One colour table: the photo's pixels, then the selected sprites' pixels.
-    table = tf.concat([tf.gather(backgrounds, p["background"]), tf.reshape(tf.gather(sprite_rgb, p["sprite"]), [-1])], 0)
+    maps = [(tf.reshape(geo[0:4], [2, 2]), geo[4:6]), (tf.reshape(geo[6:10], [2, 2]), geo[10:12])]
+    # `table`: all photos' pixels, then all sprites' pixels (packed r + 256 g + 65536 b); `alpha`: all sprites'.
+    alpha_base = p["sprite"] * (s * s)
+    box = tf.gather(sprite_box, p["sprite"])  # (K, 4) opaque texel box
+    corners = tf.stack([tf.stack([box[:, i] + d, box[:, j] + d2], -1)
+                        for i, j, d, d2 in ((0, 1, -0.5, -0.5), (2, 1, 0.5, -0.5), (0, 3, -0.5, 0.5), (2, 3, 0.5, 0.5))],
+                       1)  # (K, 4, 2) sprite coordinates of the corners of the opaque texels' squares
     # Layer value of chair k: its depth rank + 1 (0 = background; inactive chairs never draw).
     value = tf.where(p["active"], p["rank"] + 1, 0)
     by_value = tf.cast(tf.argsort(p["rank"]), tf.int32)  # Chair index of each value - 1.
-
-    def layer_table(bg_a, bg_b, a, b):
-      """(K + 1, 6) rows [a00, a01, a10, a11, b0, b1] per layer value: row 0 background, row v chair of value v."""
-      bg = tf.concat([tf.reshape(bg_a, [4]), bg_b], 0)[None]
-      ch = tf.concat([tf.reshape(a, [kmax, 4]), b], 1)
-      return tf.concat([bg, tf.gather(ch, by_value)], 0)
-
-    sc = tf.fill([kmax, 2], (s - 1) / 2.0)
-    yy, xx = tf.meshgrid(tf.range(h, dtype=tf.float32), tf.range(w, dtype=tf.float32), indexing="ij")
+    yy, xx = tf.meshgrid(tf.range(hc, dtype=tf.float32), tf.range(wc, dtype=tf.float32), indexing="ij")
     x = tf.reshape(xx, [-1])
     y = tf.reshape(yy, [-1])
-    chair_base = tf.concat([[0], hb * wb + by_value * (s * s)], 0)
+    crop = p["bg_crop"]
+    bg_inv = _invert(p["bg_a"], p["bg_b"])
+    photo_maps = [(maps[0][0], maps[0][1] + crop), _compose(bg_inv, maps[1])]  # output -> photo pixels
+    photo_maps[1] = (photo_maps[1][0], photo_maps[1][1] + crop)
+    chair_base = tf.concat([[p["background"] * (hb * wb)], nbg * hb * wb + tf.gather(p["sprite"], by_value) * (s * s)], 0)
     frames, layers = [], []
-    for f, (c_a, c_b, bg_a, bg_b) in enumerate(((p["c1_a"], p["c1_b"], tf.eye(2), tf.zeros([2])),
-                                                (p["c2_a"], p["c2_b"], p["bg_a"], p["bg_b"]))):
-      a_inv, b_inv = _invert(c_a, c_b)
-      centre = tf.linalg.matvec(c_a, sc) + c_b
-      layer = layer_map(a_inv, b_inv, centre, alpha_sel, value, wins[f])
+    for f, place in enumerate(((p["c1_a"], p["c1_b"]), (p["c2_a"], p["c2_b"]))):
+      to_sprite = _compose(_invert(*place), maps[f])  # output -> sprite of each chair
+      to_out_a, to_out_b = _compose(_invert(*maps[f]), place)  # sprite -> output
+      pts = tf.linalg.matvec(to_out_a[:, None], corners) + to_out_b[:, None]  # (K, 4, 2)
+      lo = tf.cast(tf.floor(tf.reduce_min(pts, 1)), tf.int32)
+      hi = tf.cast(tf.math.ceil(tf.reduce_max(pts, 1)), tf.int32)
+      lim = tf.constant([wc - 1, hc - 1], tf.int32)
+      lo = tf.clip_by_value(lo, 0, lim + 1)
+      hi = tf.clip_by_value(hi, -1, lim)
+      empty = box[:, 0] > box[:, 2]
+      bbox = tf.concat([lo, tf.where(empty[:, None], lo - 1, hi)], 1)
+      layer = coverage(_rows(*to_sprite), bbox, value, alpha, alpha_base)
       is_fg = layer > 0
-      # Per pixel: the inverse map of its layer into that layer's image (sprite, or photo via the crop).
-      bia, bib = _invert(bg_a, bg_b)
-      m = _gather_columns(layer_table(bia, bib + p["bg_crop"], a_inv, b_inv), layer)
+      # Per pixel: the output -> image map of its layer (photo for the background, else the chair's sprite).
+      rows = tf.concat([_rows(*photo_maps[f])[None], tf.gather(_rows(*to_sprite), by_value)], 0)
+      m = _gather_columns(rows, layer)
       qx = m[0] * x + m[1] * y + m[4]
       qy = m[2] * x + m[3] * y + m[5]
       qx = tf.where(is_fg, qx, _reflect(qx, wb))
@@ -368,33 +404,26 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
       width = tf.where(is_fg, s, wb)
       height = tf.where(is_fg, s, hb)
       base = tf.gather(chair_base, layer)
-      rgb = _bilinear_packed(table, base, height, width, qx, qy)
-      frames.append(tf.reshape(rgb, [h, w, 3]))
+      frames.append(tf.reshape(_bilinear_packed(table, base, height, width, qx, qy), [hc, wc]))
       layers.append(layer)
     layer1, layer2 = layers
-    m = _gather_columns(layer_table(p["bg_a"], p["bg_b"], p["g_a"], p["g_b"]), layer1)
-    x2 = m[0] * x + m[1] * y + m[4]
-    y2 = m[2] * x + m[3] * y + m[5]
-    flow = tf.stack([x2 - x, y2 - y], -1)
-    rx, ry = tf.round(x2), tf.round(y2)
-    inside = (rx >= 0) & (rx <= w - 1) & (ry >= 0) & (ry <= h - 1)
-    target = tf.clip_by_value(tf.cast(ry, tf.int32), 0, h - 1) * w + tf.clip_by_value(tf.cast(rx, tf.int32), 0, w - 1)
+    # Flow of the layer visible in output frame 1: output-2 position A2^-1 G A1 x, stored as (map - identity).
+    a2_inv = _invert(*maps[1])
+    g_maps = (tf.concat([p["bg_a"][None], tf.gather(p["g_a"], by_value)], 0),
+              tf.concat([p["bg_b"][None], tf.gather(p["g_b"], by_value)], 0))
+    fa, fb = _compose(a2_inv, _compose(g_maps, maps[0]))
+    m = _gather_columns(_rows(fa - tf.eye(2), fb), layer1)
+    u = m[0] * x + m[1] * y + m[4]
+    v = m[2] * x + m[3] * y + m[5]
+    rx, ry = _round(x + u), _round(y + v)
+    inside = (rx >= 0) & (rx <= wc - 1) & (ry >= 0) & (ry <= hc - 1)
+    target = tf.clip_by_value(ry, 0, hc - 1) * wc + tf.clip_by_value(rx, 0, wc - 1)
     same = tf.gather(layer2, target) == layer1
     occlusion = tf.cast(~(inside & same), tf.float32)
-    return {"image1": frames[0], "image2": frames[1], "flow": tf.reshape(flow, [h, w, 2]),
-            "valid": tf.ones([h, w], tf.float32), "occlusion": tf.reshape(occlusion, [h, w])}
+    return {"image1": frames[0], "image2": frames[1], "flow": tf.reshape(tf.stack([u, v], -1), [hc, wc, 2]),
+            "valid": tf.ones([hc, wc], tf.float32), "occlusion": tf.reshape(occlusion, [hc, wc])}
 
   return render
-
-
-def content_radius(sprites: np.ndarray) -> float:
-  """Largest distance (px) from the sprite centre to the far corner of any pixel with alpha > 127."""
-  s = sprites.shape[1]
-  ys, xs = np.nonzero((sprites[..., 3] > 127).any(0))
-  if ys.size == 0:
-    return s / 2.0
-  c = (s - 1) / 2.0
-  return float(np.sqrt((np.abs(xs - c) + 0.5) ** 2 + (np.abs(ys - c) + 0.5) ** 2).max())
 
 
 def _check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -410,7 +439,8 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"synthetic_chairs: background_scale must be >= 1, got {cfg.background_scale}")
 
 
-def make_generator(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
+def make_generator(config: ml_collections.ConfigDict, augment: ml_collections.ConfigDict | None = None,
+                   crop_size: tuple[int, int] | None = None) -> Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
   """Loads (or generates and caches) the assets once and returns gen(seed, index) -> element dict.
 
   gen takes int64 scalar tensors (Python ints work too) and returns TF tensors: image1, image2 float32
@@ -418,12 +448,56 @@ def make_generator(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor, tf
   (H, W) of ones; occlusion float32 (H, W), 1 = occluded or out of view in frame 2. Graph-mode safe (use it in
   tf.data.Dataset.map); the output is a pure function of (seed, index). Generators are memoised per config
   within a process (user folders are read once).
+
+  With `augment` (an `augment.default_config()`) and `crop_size` (hc, wc), gen returns the FlowNet-augmented
+  crop of the pair directly, at (hc, wc): the augmentation's output->source maps (drawn by
+  `augment.sample_params` / `augment.affine_maps` from (seed, index), exactly as `augment.augment` would for
+  an image_size source) are composed with the layers' affine maps, so each layer is sampled once from its
+  photo or sprite, flow and occlusion stay exact for the crop (occlusion = hidden, or out of the frame-2 crop),
+  and valid is 1 everywhere (the background photo extends beyond the frame by reflection, so every pixel has
+  data). Photometric changes (if enabled) follow in a second XLA function (`augment.photometric_pair`).
   """
   cfg = config
   _check_config(cfg)
-  key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+  if (augment is None) != (crop_size is None):
+    raise ValueError("synthetic_chairs.make_generator: give both augment and crop_size, or neither")
+  key = json.dumps([cfg.to_dict(), None if augment is None else augment.to_dict(),
+                    None if crop_size is None else [int(v) for v in crop_size]], sort_keys=True, default=str)
   if key in _GENERATORS:  # Same config in this process: reuse the assets and the compiled renderer.
     return _GENERATORS[key]
+  h, w = (int(v) for v in cfg.image_size)
+  out_size = (h, w) if crop_size is None else (int(crop_size[0]), int(crop_size[1]))
+  if out_size[0] <= 0 or out_size[1] <= 0:
+    raise ValueError(f"synthetic_chairs: crop_size must be positive, got {tuple(crop_size)}")
+  table, alpha, boxes, bg_shape, sprite_shape = _load_assets(cfg)
+  render = _make_renderer(cfg, bg_shape, sprite_shape, out_size)
+  nb, ns = bg_shape[0], sprite_shape[0]
+  cfg = ml_collections.ConfigDict(cfg.to_dict())  # Snapshot: later edits of `config` do not leak in.
+  aug = None if augment is None else ml_collections.ConfigDict(augment.to_dict())
+  identity = tf.constant([1.0, 0.0, 0.0, 1.0, 0.0, 0.0] * 2, tf.float32)
+  finish = _finisher(aug is not None and bool(aug.photometric))
+
+  def gen(seed: tf.Tensor, index: tf.Tensor) -> dict[str, tf.Tensor]:
+    raw = draw_random(cfg, nb, ns, seed, index)
+    if aug is None:
+      out = render(raw, identity, table, alpha, boxes)
+      out["image1"], out["image2"] = finish(out["image1"], out["image2"])
+      return out
+    params = augment_lib.sample_params(seed, index, aug)
+    m1, t1, m2, t2 = augment_lib.affine_maps(params, (h, w), out_size, aug)
+    geo = tf.cast(tf.concat([tf.reshape(m1, [4]), t1, tf.reshape(m2, [4]), t2], 0), tf.float32)
+    out = render(raw, geo, table, alpha, boxes)
+    out["image1"], out["image2"] = finish(out["image1"], out["image2"], params)
+    return out
+
+  _GENERATORS[key] = gen
+  return gen
+
+
+def _load_assets(cfg: ml_collections.ConfigDict) -> tuple:
+  """TF constants for the renderer: colour table int32 (all photos' pixels, then all sprites', packed by
+  _pack_rgb), sprite alpha uint8 (M * S * S,), sprite opaque boxes float32 (M, 4); and the photo and sprite
+  array shapes (N, Hb, Wb, 3), (M, S, S, 4)."""
   h, w = (int(v) for v in cfg.image_size)
   bg_size = (int(round(h * cfg.background_scale)), int(round(w * cfg.background_scale)))
   backgrounds = assets.get_backgrounds(cfg.backgrounds_dir, bg_size, num_procedural=cfg.num_procedural_backgrounds,
@@ -431,19 +505,37 @@ def make_generator(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor, tf
   sprites = assets.get_chairs(cfg.chairs_dir, cfg.sprite_size, num_models=cfg.num_chair_models,
                               views_per_model=cfg.views_per_model, seed=cfg.asset_seed,
                               max_images=cfg.max_chair_images)
-  bg_t = tf.constant(_pack_rgb(backgrounds))  # (N, Hb * Wb) int32
-  sp_rgb = tf.constant(_pack_rgb(sprites[..., :3]))  # (N, S * S) int32
-  sp_alpha = tf.constant(sprites[..., 3])  # (N, S, S) uint8
-  render = _make_renderer(cfg, backgrounds.shape, sprites.shape, content_radius(sprites))
-  nb, ns = backgrounds.shape[0], sprites.shape[0]
-  cfg = ml_collections.ConfigDict(cfg.to_dict())  # Snapshot: later edits of `config` do not leak in.
+  table = np.concatenate([_pack_rgb(backgrounds).reshape(-1), _pack_rgb(sprites[..., :3]).reshape(-1)])
+  return (tf.constant(table), tf.constant(sprites[..., 3].reshape(-1)), tf.constant(_sprite_boxes(sprites)),
+          backgrounds.shape, sprites.shape)
 
-  def gen(seed: tf.Tensor, index: tf.Tensor) -> dict[str, tf.Tensor]:
-    params = draw_random(cfg, nb, ns, seed, index)
-    return render(params, bg_t, sp_rgb, sp_alpha)
 
-  _GENERATORS[key] = gen
-  return gen
+def _finisher(photometric: bool) -> Callable:
+  """finish(packed1, packed2[, params]) -> float32 (H, W, 3) images: decodes the renderer's packed colours and,
+  with `photometric`, applies the FlowNet photometric changes of `augment` (params from
+  augment.sample_params) with `augment.hash_normal` noise, all in one XLA function (elementwise, vectorised)."""
+
+  @tf.function(jit_compile=True, autograph=False)
+  def decode(im1, im2):
+    return unpack_rgb(im1), unpack_rgb(im2)
+
+  @tf.function(jit_compile=True, autograph=False)
+  def colour(im1, im2, p1, p2, keys):
+    out = []
+    for im, p, k in ((im1, p1, keys[0]), (im2, p2, keys[1])):
+      img = augment_lib.photometric(unpack_rgb(im), p[0], p[1], p[2:5], p[5], 0.0, None, clip=False,
+                                    mean_stride=4)
+      img = img + augment_lib.hash_normal(k, tuple(img.shape)) * p[6]
+      out.append(tf.clip_by_value(img, 0.0, 1.0))
+    return tuple(out)
+
+  def finish(im1, im2, params=None):
+    if not photometric:
+      return decode(im1, im2)
+    return colour(im1, im2, augment_lib._photometric_vector(params, 1), augment_lib._photometric_vector(params, 2),
+                  tf.stack([params["noise_key1"], params["noise_key2"]]))
+
+  return finish
 
 
 # ------------------------------------------------------------------------------------------------------------
