@@ -130,6 +130,14 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   from jaxflow import steps as steps_lib
   from jaxflow.models import get_model
   from jaxflow.train_state import create_train_state, make_init_fn
+  try:  # the process set-up the trainer uses (XLA flags, conv implementation), with this run's cache dir
+    from jaxflow import platform as jaxflow_platform
+  except ImportError:
+    jaxflow_platform = None
+  if jaxflow_platform is not None:
+    applied = jaxflow_platform.configure(cache_dir=os.environ["JAX_COMPILATION_CACHE_DIR"], min_compile_time_secs=0)
+  else:
+    applied = {}
   t_import = time.time()
 
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["model"].items() if k != "name"}
@@ -174,7 +182,8 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   _reply({"import_s": t_import - t0, "init_s": t_init - t_import, "data_s": t_data - t_init,
           "compile_s": t_compile - t_data, "first_step_s": t_first - t0, "flops_per_step": flops,
           "bytes_accessed_per_step": bytes_accessed, "devices": devices, "backend": jax.default_backend(),
-          "loss": float(metrics["loss"]), "peak_rss_mib": _peak_rss_mib(), "jax_version": jax.__version__})
+          "loss": float(metrics["loss"]), "peak_rss_mib": _peak_rss_mib(), "jax_version": jax.__version__,
+          "platform_configure": {k: v for k, v in applied.items() if k != "cache_dir"}})
   if spec.get("first_step_only"):
     return
   holder = {"state": state}
@@ -372,7 +381,8 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
       wm = jaxw.read()
       result.update(first_step_warm_s=wm["first_step_s"], compile_warm_s=wm["compile_s"],
                     flops_per_step=wm["flops_per_step"], bytes_accessed_per_step=wm["bytes_accessed_per_step"],
-                    backend=wm["backend"], jax_version=wm["jax_version"])
+                    backend=wm["backend"], jax_version=wm["jax_version"],
+                    platform_configure=wm["platform_configure"])
       print(f"  {'' if args.skip_cold else 'warm '}start: first step after {wm['first_step_s']:.1f} s (compile "
             f"{wm['compile_s']:.1f})", flush=True)
       jaxw.read()  # ready (warmed up)
