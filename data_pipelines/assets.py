@@ -24,6 +24,9 @@ import logging
 import math
 import os
 import pathlib
+import subprocess
+import sys
+import tempfile
 import warnings
 from typing import Callable, Sequence
 
@@ -169,7 +172,55 @@ def procedural_backgrounds(num: int, size: tuple[int, int], seed: int = 0) -> np
 
 
 def _build_backgrounds(num: int, size: tuple[int, int], seed: int) -> np.ndarray:
-  return np.stack([procedural_background(size, seed * 100003 + i) for i in range(num)])
+  return np.stack(_parallel_map("procedural_background", [([int(size[0]), int(size[1])], seed * 100003 + i)
+                                                          for i in range(num)]))
+
+
+def _parallel_map(fn_name: str, args: list[tuple], max_workers: int = 4) -> list[np.ndarray]:
+  """[fn(*a) for a in args] for the module-level function `fn_name` of this module, spread over this process
+  and helper processes (one per usable core, at most max_workers).
+
+  Items are independent and seeded, so the result does not depend on the number of workers. Helpers are plain
+  `python -c` subprocesses that import only this module (no fork of a process that may hold TensorFlow
+  threads, no re-import of the caller's __main__); arguments go as JSON, results come back as .npy files. A
+  helper that fails is reported in one warning and its items are built here.
+  """
+  fn = globals()[fn_name]
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  workers = min(cores, max_workers, len(args))
+  if workers <= 1:
+    return [fn(*a) for a in args]
+  chunks = [args[w::workers] for w in range(workers)]
+  package_parent = str(pathlib.Path(__file__).resolve().parent.parent)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
+  results: dict[int, list] = {}
+  with tempfile.TemporaryDirectory(prefix="jaxflow_assets_") as tmp:
+    procs = []
+    for w in range(1, workers):
+      out = os.path.join(tmp, f"{w}.npy")
+      cmd = [sys.executable, "-c", "import sys; from data_pipelines import assets; assets._worker(*sys.argv[1:])",
+             fn_name, json.dumps(chunks[w]), out]
+      procs.append((w, out, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+    results[0] = [fn(*a) for a in chunks[0]]
+    for w, out, proc in procs:
+      _, err = proc.communicate()
+      if proc.returncode == 0 and os.path.exists(out):
+        results[w] = list(np.load(out, allow_pickle=False))
+      else:
+        logging.warning("jaxflow assets: helper process failed (exit %s: %s); building its items here",
+                        proc.returncode, err.decode(errors="replace").strip().splitlines()[-1:] or "")
+        results[w] = [fn(*a) for a in chunks[w]]
+  ordered = [None] * len(args)
+  for w in range(workers):
+    ordered[w::workers] = results[w]
+  return ordered
+
+
+def _worker(fn_name: str, args_json: str, out: str) -> None:
+  """Helper-process entry point of _parallel_map: builds the items and saves them stacked to `out`."""
+  fn = globals()[fn_name]
+  items = [fn(*a) for a in json.loads(args_json)]
+  np.save(out, np.stack(items), allow_pickle=False)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -227,12 +278,13 @@ def _chair_model(rng: np.random.Generator) -> tuple[list, list]:
 
 
 def _render_chair(boxes: list, cyls: list, colours: np.ndarray, pattern: tuple, azimuth: float,
-                  elevation: float, size: int) -> np.ndarray:
-  """Ray-casts one chair view, float32 RGBA (size, size, 4) in [0, 1], 2x2 supersampled alpha.
+                  elevation: float, size: int, supersample: int = 2) -> np.ndarray:
+  """Ray-casts one chair view, float32 RGBA (size, size, 4) in [0, 1], supersample x supersample rays per pixel
+  (anti-aliased alpha and colour).
 
   Orthographic camera; each primitive only tests the rays inside its projected bounding box.
   """
-  ss = 2 * size
+  ss = supersample * size
   prim_corners = [np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
                   for lo, hi, _ in boxes]
   prim_corners += [np.array([[cx + sx * r, y, cz + sz * r] for sx in (-1, 1) for sz in (-1, 1) for y in (y0, y1)])
@@ -315,7 +367,7 @@ def _render_chair(boxes: list, cyls: list, colours: np.ndarray, pattern: tuple, 
   base = np.where(upholstery, base * (0.75 + 0.25 * tex[..., None]), base)
   rgb = base * (0.3 + 0.7 * lambert[..., None])
   rgba = np.concatenate([rgb * mask[..., None], mask[..., None].astype(np.float32)], -1)
-  rgba = rgba.reshape(size, 2, size, 2, 4).mean((1, 3))  # Premultiplied 2x2 box filter.
+  rgba = rgba.reshape(size, supersample, size, supersample, 4).mean((1, 3))  # Premultiplied box filter.
   alpha = rgba[..., 3:]
   rgb = np.where(alpha > 0, rgba[..., :3] / np.maximum(alpha, 1e-6), 0.0)
   return np.concatenate([rgb, alpha], -1).astype(np.float32)
@@ -352,18 +404,23 @@ def procedural_chairs(num_models: int, views_per_model: int, sprite_size: int, s
 
 
 def _build_chairs(num_models: int, views: int, size: int, seed: int) -> np.ndarray:
-  out = np.zeros((num_models * views, size, size, 4), np.uint8)
-  for m in range(num_models):
-    rng = np.random.default_rng([ASSET_VERSION, 4241, seed, m])
-    boxes, cyls = _chair_model(rng)
-    colours = np.stack([_random_colour(rng), _random_colour(rng)])
-    colours = np.clip(colours * 0.8 + 0.15, 0.0, 1.0)
-    pattern = (int(rng.integers(3)), float(rng.uniform(8.0, 30.0)))
-    for v in range(views):
-      az = 2 * np.pi * (v + rng.uniform()) / views
-      el = np.deg2rad(rng.uniform(-15.0, 65.0))
-      rgba = _bleed_colour(_render_chair(boxes, cyls, colours, pattern, az, el, size))
-      out[m * views + v] = np.clip(np.round(rgba * 255.0), 0, 255).astype(np.uint8)
+  models = _parallel_map("_build_chair_model", [(m, views, size, seed) for m in range(num_models)])
+  return np.concatenate(models) if models else np.zeros((0, size, size, 4), np.uint8)
+
+
+def _build_chair_model(m: int, views: int, size: int, seed: int) -> np.ndarray:
+  """The `views` sprites uint8 (views, S, S, 4) of procedural chair model m."""
+  out = np.zeros((views, size, size, 4), np.uint8)
+  rng = np.random.default_rng([ASSET_VERSION, 4241, seed, m])
+  boxes, cyls = _chair_model(rng)
+  colours = np.stack([_random_colour(rng), _random_colour(rng)])
+  colours = np.clip(colours * 0.8 + 0.15, 0.0, 1.0)
+  pattern = (int(rng.integers(3)), float(rng.uniform(8.0, 30.0)))
+  for v in range(views):
+    az = 2 * np.pi * (v + rng.uniform()) / views
+    el = np.deg2rad(rng.uniform(-15.0, 65.0))
+    rgba = _bleed_colour(_render_chair(boxes, cyls, colours, pattern, az, el, size))
+    out[v] = np.clip(np.round(rgba * 255.0), 0, 255).astype(np.uint8)
   return out
 
 

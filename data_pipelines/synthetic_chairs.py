@@ -271,18 +271,16 @@ def _bilinear_packed(flat: tf.Tensor, base: tf.Tensor, height: tf.Tensor, width:
   acc = None
   for i, wt in ((i00, (_SUBPIXEL - wx) * (_SUBPIXEL - wy)), (i00 + dx, wx * (_SUBPIXEL - wy)),
                 (i00 + dy, (_SUBPIXEL - wx) * wy), (i00 + dx + dy, wx * wy)):
-    v = tf.cast(tf.gather(flat, i), tf.int64)
-    lanes = (tf.bitwise.bitwise_and(v, 255) + tf.bitwise.left_shift(tf.bitwise.bitwise_and(v, 0xFF00), _LANE - 8)
-             + tf.bitwise.left_shift(tf.bitwise.bitwise_and(v, 0xFF0000), 2 * _LANE - 16))
+    lanes = tf.gather(flat, i)
     acc = lanes * wt if acc is None else acc + lanes * wt
   return acc
 
 
 def unpack_rgb(packed: tf.Tensor) -> tf.Tensor:
   """int64 (...) packed bilinear samples (see _bilinear_packed) -> float32 (..., 3) RGB in [0, 1]."""
-  mask = (1 << _LANE) - 1
-  chans = [tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed, k * _LANE), mask) for k in range(3)]
-  return tf.cast(tf.stack(chans, -1), tf.float32) * IMAGE_SCALE
+  shifts = tf.constant([0, _LANE, 2 * _LANE], tf.int64)  # Broadcast, not stacked: XLA vectorises it.
+  lanes = tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed[..., None], shifts), (1 << _LANE) - 1)
+  return tf.cast(lanes, tf.float32) * IMAGE_SCALE
 
 
 def _reflect(x: tf.Tensor, size: int) -> tf.Tensor:
@@ -506,6 +504,8 @@ def _load_assets(cfg: ml_collections.ConfigDict) -> tuple:
                               views_per_model=cfg.views_per_model, seed=cfg.asset_seed,
                               max_images=cfg.max_chair_images)
   table = np.concatenate([_pack_rgb(backgrounds).reshape(-1), _pack_rgb(sprites[..., :3]).reshape(-1)])
+  v = table.astype(np.int64)
+  table = (v & 255) | ((v & 0xFF00) << (_LANE - 8)) | ((v & 0xFF0000) << (2 * _LANE - 16))
   return (tf.constant(table), tf.constant(sprites[..., 3].reshape(-1)), tf.constant(_sprite_boxes(sprites)),
           backgrounds.shape, sprites.shape)
 

@@ -137,3 +137,15 @@ def test_user_backgrounds_cover_resize(tmp_path):
   assert out.shape == (1, 64, 96, 3)
   # Cover-resize keeps the aspect ratio and centre crops: the red/blue boundary stays in the middle.
   assert out[0, 32, 10, 0] > 200 and out[0, 32, 85, 2] > 200
+
+
+def test_parallel_build_matches_in_process_build(monkeypatch):
+  # Helper processes build interleaved items; the result must equal building every item here, in order.
+  seq = np.concatenate([assets._build_chair_model(m, 2, 32, 5) for m in range(3)])
+  np.testing.assert_array_equal(assets._build_chairs(3, 2, 32, 5), seq)
+  bgs = assets._build_backgrounds(3, (40, 48), 1)
+  for i in range(3):
+    np.testing.assert_array_equal(bgs[i], assets.procedural_background((40, 48), 100003 + i))
+  # A helper that cannot start: its items are built in this process (with a warning), same result.
+  monkeypatch.setattr(assets.sys, "executable", "/bin/false")
+  np.testing.assert_array_equal(assets._build_chairs(3, 2, 32, 5), seq)
