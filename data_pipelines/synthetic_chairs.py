@@ -11,10 +11,17 @@ visible at x (T_bg for the background, T_bg o M_k for chair k); `occlusion` is 1
 view or where frame 2 shows another layer at the (rounded) target pixel; `valid` is 1 everywhere.
 
 Speed. Random parameters are drawn with a few stateless TF ops keyed by (seed, example index); rendering is one
-XLA-compiled function: each chair's coverage (alpha > 1/2) is evaluated only in a fixed-size window around it
-and reduced into per-frame layer-index maps (a z-buffer) with one segment-max; then a single full-frame pass
-samples the background (inverse affine + bilinear) and the visible chair's sprite (bilinear) per pixel, and
-computes flow and occlusion. Pixel centres are at integer coordinates (x = column, y = row).
+XLA-compiled function. Each chair's coverage (nearest sprite texel has alpha > 127) is tested only in 8 x 8 pixel
+tiles over its bounding box: the tiles of all chairs are numbered consecutively and processed 256 at a time in a
+while loop (trip count = actual chair area, no fixed-size windows), merged into per-frame layer-value maps (a
+z-buffer) with a scatter-max. Then one full-frame pass per frame samples, for every pixel, the image of its layer
+(photo via its affine map, reflected at the photo border, or the chair's sprite), bilinearly, as one int64 per
+pixel (three 21-bit colour lanes: XLA computes coordinates and gathers once per pixel, not once per channel), and
+one pass computes flow and occlusion. A second small XLA function decodes the colours (and applies the
+photometric augmentation). With augmentation (`make_generator(config, augment, crop_size)`, used by the
+training pipeline), the augmentation's output->source maps are composed into every layer's map, so the augmented
+crop is rendered directly: no full-size intermediate, no second resampling, flow and occlusion still exact.
+Pixel centres are at integer coordinates (x = column, y = row).
 
 Layers are composited with hard (alpha > 1/2) edges, so images, flow and occlusion agree exactly at chair
 boundaries (the original dataset blends edges; a cosmetic difference).

@@ -231,3 +231,26 @@ def test_bad_inputs_raise_clear_errors():
     run({**el, "depth": el["valid"]})
   with pytest.raises(ValueError, match="image1 must be"):
     run({**el, "image1": el["image1"][0]})
+
+
+def test_pow_unit_matches_numpy():
+  x = np.concatenate([[0.0, 1e-30, 1e-8, 1e-3], np.linspace(0.0, 1.0, 5001)]).astype(np.float32)
+  for g in (0.7, 1.0, 1.2, 1.5):
+    got = augment.pow_unit(tf.constant(x), tf.constant(g, tf.float32)).numpy()
+    ref = x.astype(np.float64) ** g
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-12)
+  assert augment.pow_unit(tf.constant([1.0]), tf.constant(1.5)).numpy()[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_hash_normal_is_keyed_standard_noise():
+  key = tf.constant([11, 12], tf.int64)
+  z = augment.hash_normal(key, (300, 400)).numpy()
+  assert z.shape == (300, 400) and z.dtype == np.float32
+  np.testing.assert_array_equal(z, augment.hash_normal(key, (300, 400)).numpy())
+  assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
+  assert abs(np.corrcoef(z[:, :-1].ravel(), z[:, 1:].ravel())[0, 1]) < 0.01  # neighbours independent
+  assert abs(np.corrcoef(z[:-1].ravel(), z[1:].ravel())[0, 1]) < 0.01
+  assert np.abs(z).max() < 3.5 and (np.abs(z) > 2).mean() == pytest.approx(0.0455, abs=0.01)
+  for other in ([11, 13], [12, 12]):
+    w = augment.hash_normal(tf.constant(other, tf.int64), (300, 400)).numpy()
+    assert abs(np.corrcoef(z.ravel(), w.ravel())[0, 1]) < 0.01
