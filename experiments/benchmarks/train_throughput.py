@@ -24,12 +24,14 @@ Reported (printed, and in --json as a list of dicts, one per configuration):
   flops_per_step, bytes_accessed_per_step (XLA cost analysis of the compiled step, whole mesh);
   achieved_gflops and fraction_of_peak (flops_per_step / step_s against the machine's matmul peak, the best of a
   2048^3 matmul in jax and in torch, measured in the same run in the same dtype; torch's achieved rate uses the
-  same FLOP count, since the network is the same);
+  same FLOP count, since the network is the same); fraction_of_peak_cpu and torch_fraction_of_peak_cpu: the same
+  per CPU-second (step FLOPs / CPU-s per step against matmul FLOPs / CPU-s), and cpu_ratio (torch CPU-s per step
+  / jaxflow CPU-s per step): the figures that stay meaningful when other jobs load the machine;
   compile_s (lowering + XLA compile of the step), init_s (parameter + optimiser state init);
   first_step_s: wall time from launching a fresh Python process (before it imports jax) to the end of the
   first finished training step, with an empty persistent compilation cache (cold); first_step_warm_s: the same
   in a second fresh process with the cache the first one wrote (warm); torch_first_step_s likewise for torch;
-  peak_rss_mib (the warm, measured jaxflow worker), peak_rss_cold_mib (the cold worker, which also compiled),
+  peak_rss_mib (VmHWM of the warm, measured jaxflow worker), peak_rss_cold_mib (the cold worker, which also compiled),
   torch_peak_rss_mib; and the exact settings (devices, threads, XLA_FLAGS, versions, commit, load average).
 --roofline JSON projects the step time of each result on one accelerator from its FLOPs and bytes per step
 (datasheet peaks in ACCELERATORS) and the input rate needed to feed it.
@@ -74,7 +76,16 @@ def _usable_cores() -> int:
 
 
 def _peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+  """Peak resident set of this process image (MiB): VmHWM, which starts afresh at exec. (ru_maxrss would carry
+  the parent's peak over fork + exec: a worker of a 650 MiB parent would never report less.)"""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024.0  # kB
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # not Linux: KiB (macOS: bytes)
 
 
 def _reply(obj: dict[str, Any]) -> None:
@@ -111,7 +122,8 @@ def _command_loop(run_steps, matmul_peak) -> None:
         cpu.append(time.process_time() - c)
       _reply({"times": times, "cpu": cpu, "loss": info["loss"], "peak_rss_mib": _peak_rss_mib()})
     elif cmd[0] == "peak":
-      _reply({"peak_flops_per_s": matmul_peak()})
+      wall, cpu = matmul_peak()
+      _reply({"peak_flops_per_s": wall, "peak_flops_per_cpu_s": cpu})
     elif cmd[0] == "quit":
       _reply({"bye": True, "peak_rss_mib": _peak_rss_mib()})
       return
@@ -169,6 +181,14 @@ def _jax_worker(spec: dict[str, Any]) -> None:
     return
   compiled = lowered.compile()
   t_compile = time.time()
+  if spec.get("compile_only"):
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    n = mesh.devices.size
+    _reply({"compile_s": t_compile - t_data, "flops_per_step": float(cost["flops"]) * n,
+            "bytes_accessed_per_step": float(cost["bytes accessed"]) * n, "devices": n,
+            "peak_rss_mib": _peak_rss_mib(), "jax_version": jax.__version__})
+    return
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   t_first = time.time()
@@ -202,12 +222,13 @@ def _jax_worker(spec: dict[str, Any]) -> None:
     y = jax.device_put(jnp.ones((devices, MATMUL_N, MATMUL_N), dtype), sharding)
     f = jax.jit(lambda p, q: jnp.einsum("bij,bjk->bik", p, q, preferred_element_type=jnp.float32))
     f(x, y).block_until_ready()
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(8):
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       f(x, y).block_until_ready()
-      best = min(best, time.perf_counter() - t)
-    return 2.0 * devices * MATMUL_N ** 3 / best
+      best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
+    flops = 2.0 * devices * MATMUL_N ** 3
+    return flops / best, flops / best_cpu
 
   _reply({"ready": True})
   _command_loop(run_step, matmul_peak)
@@ -238,12 +259,12 @@ def _torch_worker(spec: dict[str, Any]) -> None:
     x = torch.ones(MATMUL_N, MATMUL_N, dtype=dtype)
     y = torch.ones(MATMUL_N, MATMUL_N, dtype=dtype)
     torch.mm(x, y)
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(8):
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       torch.mm(x, y)
-      best = min(best, time.perf_counter() - t)
-    return 2.0 * MATMUL_N ** 3 / best
+      best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
+    return 2.0 * MATMUL_N ** 3 / best, 2.0 * MATMUL_N ** 3 / best_cpu
 
   _reply({"ready": True})
   _command_loop(lambda: step(batch), matmul_peak)
@@ -361,6 +382,13 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
       "loadavg_start": os.getloadavg()[0], "loss_config": loss}
   with tempfile.TemporaryDirectory(prefix="jaxflow_bench_cache_") as cache:
     env = _jax_env(args.jax_devices, cache)
+    if args.cost_only:
+      worker = Worker("jax", dict(spec, compile_only=True), env)
+      try:
+        result.update(worker.read())
+      finally:
+        worker.proc.wait()
+      return result
     if not args.skip_cold:
       # Cold: a fresh process, empty persistent compilation cache (it fills it).
       cold = Worker("jax", dict(spec, first_step_only=True), env)
@@ -395,9 +423,11 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
         result.update(torch_first_step_s=tm["first_step_s"], torch_params=tm["params"],
                       torch_threads=tm["threads"], torch_version=tm["torch_version"])
         torchw.read()
-      peaks = {"jax": jaxw.request("peak")["peak_flops_per_s"]}
+      reply = jaxw.request("peak")
+      peaks, cpu_peaks = {"jax": reply["peak_flops_per_s"]}, {"jax": reply["peak_flops_per_cpu_s"]}
       if torchw:
-        peaks["torch"] = torchw.request("peak")["peak_flops_per_s"]
+        reply = torchw.request("peak")
+        peaks["torch"], cpu_peaks["torch"] = reply["peak_flops_per_s"], reply["peak_flops_per_cpu_s"]
       times: dict[str, list[float]] = {"jax": [], "torch": []}
       cpu: dict[str, list[float]] = {"jax": [], "torch": []}
       for r in range(args.rounds):
@@ -418,9 +448,13 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
       jaxw.close()
       if torchw:
         torchw.close()
-  peak = max(peaks.values())
+  peak, cpu_peak = max(peaks.values()), max(cpu_peaks.values())
   step_s = statistics.median(times["jax"])
-  result.update(step_times=times["jax"], step_s=step_s, cpu_s_per_step=statistics.median(cpu["jax"]),
+  cpu_step = statistics.median(cpu["jax"])
+  # Load-robust variant: FLOPs per CPU-second of the step against FLOPs per CPU-second of the matmul.
+  result.update(peak_gflops_per_cpu_s=cpu_peak / 1e9,
+                fraction_of_peak_cpu=result["flops_per_step"] / cpu_step / cpu_peak)
+  result.update(step_times=times["jax"], step_s=step_s, cpu_s_per_step=cpu_step,
                 pairs_per_s=batch / step_s, achieved_gflops=result["flops_per_step"] / step_s / 1e9,
                 peak_gflops=peak / 1e9, jax_matmul_gflops=peaks["jax"] / 1e9,
                 fraction_of_peak=result["flops_per_step"] / step_s / peak, loadavg_end=os.getloadavg()[0])
@@ -428,6 +462,8 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
     t_step = statistics.median(times["torch"])
     result.update(torch_step_times=times["torch"], torch_step_s=t_step,
                   torch_cpu_s_per_step=statistics.median(cpu["torch"]), torch_pairs_per_s=batch / t_step,
+                  torch_fraction_of_peak_cpu=result["flops_per_step"] / statistics.median(cpu["torch"]) / cpu_peak,
+                  cpu_ratio=statistics.median(cpu["torch"]) / cpu_step,
                   ratio=t_step / step_s, torch_achieved_gflops=result["flops_per_step"] / t_step / 1e9,
                   torch_fraction_of_peak=result["flops_per_step"] / t_step / peak,
                   torch_matmul_gflops=peaks["torch"] / 1e9)
@@ -480,12 +516,18 @@ def roofline(results: list[dict[str, Any]], pipeline_pairs_per_core_s: float | N
 
 
 def _summary(r: dict[str, Any]) -> str:
+  if "step_s" not in r:  # --cost-only
+    return (f"{r['model']:9s} {r['dtype']:8s} {r['height']}x{r['width']} b{r['batch']}: "
+            f"{r['flops_per_step'] / 1e9:.0f} GFLOP & {r['bytes_accessed_per_step'] / 1e9:.1f} GB per step "
+            f"(XLA cost analysis), compile {r['compile_s']:.1f} s")
   s = (f"{r['model']:9s} {r['dtype']:8s} {r['height']}x{r['width']} b{r['batch']}: jaxflow {r['pairs_per_s']:.2f} "
        f"pairs/s ({r['step_s']:.2f} s/step, {r['achieved_gflops']:.0f} GFLOP/s = "
        f"{100 * r['fraction_of_peak']:.0f}% of {r['peak_gflops']:.0f})")
   if "ratio" in r:
     s += (f", torch {r['torch_pairs_per_s']:.2f} pairs/s ({100 * r['torch_fraction_of_peak']:.0f}% of peak), "
-          f"ratio {r['ratio']:.2f}")
+          f"ratio {r['ratio']:.2f} (CPU-time ratio {r['cpu_ratio']:.2f}; per CPU-s jaxflow "
+          f"{100 * r['fraction_of_peak_cpu']:.0f}% / torch {100 * r['torch_fraction_of_peak_cpu']:.0f}% of the "
+          f"matmul's {r['peak_gflops_per_cpu_s']:.0f} GFLOP/CPU-s)")
   s += f"; {r['flops_per_step'] / 1e9:.0f} GFLOP & {r['bytes_accessed_per_step'] / 1e9:.1f} GB/step; first step "
   if "first_step_s" in r:
     s += f"cold {r['first_step_s']:.1f} s (compile {r['compile_s']:.1f} s) / "
@@ -518,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                            "process competes for the cores (measured here), which would make a shared machine "
                            "favour jaxflow")
   parser.add_argument("--no-torch", action="store_true", help="jaxflow only")
+  parser.add_argument("--cost-only", action="store_true",
+                      help="only compile the jaxflow step and report its FLOPs and bytes (for --roofline)")
   parser.add_argument("--skip-cold", action="store_true",
                       help="no cold-start process (first_step_s and peak_rss_cold_mib are then not measured)")
   parser.add_argument("--json", default=None, help="write the results (a list of dicts) to this file")
