@@ -478,38 +478,46 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
 #   Google Cloud TPU v4 (per chip, 2 TensorCores): 275 TFLOP/s bf16, 1,200 GB/s HBM2; per core half of each.
 #   Google Cloud TPU v5e (per chip = 1 TensorCore): 197 TFLOP/s bf16, 819 GB/s HBM2.
 ACCELERATORS = (
-    # name, {dtype: peak FLOP/s}, bytes/s
-    ("A100 SXM (FP32 / BF16)", {"float32": 19.5e12, "bfloat16": 312e12}, 2.039e12),
-    ("A100 SXM (TF32 convs)", {"float32": 156e12}, 2.039e12),
-    ("H100 SXM (FP32 / BF16)", {"float32": 67e12, "bfloat16": 989.4e12}, 3.35e12),
-    ("TPU v4 core (BF16)", {"bfloat16": 137.5e12}, 0.6e12),
-    ("TPU v5e chip (BF16)", {"bfloat16": 197e12}, 0.819e12),
+    # name, compute precision, peak FLOP/s, HBM bytes/s
+    ("A100 SXM FP32", "float32", 19.5e12, 2.039e12),
+    ("A100 SXM TF32", "float32", 156e12, 2.039e12),
+    ("A100 SXM BF16", "bfloat16", 312e12, 2.039e12),
+    ("H100 SXM FP32", "float32", 67e12, 3.35e12),
+    ("H100 SXM TF32", "float32", 494.7e12, 3.35e12),
+    ("H100 SXM BF16", "bfloat16", 989.4e12, 3.35e12),
+    ("TPU v4 core BF16", "bfloat16", 137.5e12, 0.6e12),
+    ("TPU v5e chip BF16", "bfloat16", 197e12, 0.819e12),
 )
 
 
 def roofline(results: list[dict[str, Any]], pipeline_pairs_per_core_s: float | None = None) -> str:
-  """A table projecting each measured configuration's step time on one accelerator.
+  """A markdown table projecting each measured configuration's step time on one accelerator.
 
-  step = max(flops_per_step / peak, bytes_accessed_per_step / bandwidth) with the datasheet figures above
-  (float32 results against FP32 / TF32 peaks, bfloat16 results against BF16 peaks); the needed input rate is
-  batch / step (pairs/s) and, given the synthetic pipeline's pairs/s per CPU core, the host cores to feed it.
-  This is a lower bound on the step time: it assumes every op runs at peak or at full bandwidth.
+  step = max(flops_per_step / peak, bytes_accessed_per_step / bandwidth) with the datasheet figures above.
+  float32 results are projected on FP32 and TF32 peaks, bfloat16 results on BF16 peaks; a float32 result is
+  also projected on BF16 peaks as an estimate (same FLOPs, half the bytes), marked 'bf16 est.'. The needed
+  input rate is batch / step (pairs/s) and, given the synthetic pipeline's pairs/s per CPU core, the host cores
+  that would feed it. A lower bound on the step time: it assumes every op runs at peak or at full bandwidth.
   """
-  lines = ["| model | size, batch | dtype | GFLOP/step | GB/step | accelerator | bound | projected step (ms) "
-           "| pairs/s needed" + (" | pipeline cores |" if pipeline_pairs_per_core_s else " |"),
-           "|---|---|---|---|---|---|---|---|---" + ("|---|" if pipeline_pairs_per_core_s else "|")]
+  cores_col = pipeline_pairs_per_core_s is not None
+  lines = ["| model | size, batch | dtype | GFLOP/step | GB/step | accelerator | bound | step (ms) | pairs/s needed"
+           + (" | pipeline cores |" if cores_col else " |"),
+           "|---|---|---|---|---|---|---|---|---" + ("|---|" if cores_col else "|")]
   for r in results:
-    for acc, peaks, bandwidth in ACCELERATORS:
-      if r["dtype"] not in peaks:
+    for acc, precision, peak, bandwidth in ACCELERATORS:
+      if precision == r["dtype"]:
+        dtype, nbytes = r["dtype"], r["bytes_accessed_per_step"]
+      elif precision == "bfloat16" and r["dtype"] == "float32":
+        dtype, nbytes = "bf16 est.", 0.5 * r["bytes_accessed_per_step"]
+      else:
         continue
-      compute = r["flops_per_step"] / peaks[r["dtype"]]
-      memory = r["bytes_accessed_per_step"] / bandwidth
+      compute, memory = r["flops_per_step"] / peak, nbytes / bandwidth
       step = max(compute, memory)
       rate = r["batch"] / step
-      row = (f"| {r['model']} | {r['height']}x{r['width']}, {r['batch']} | {r['dtype']} | "
-             f"{r['flops_per_step'] / 1e9:.0f} | {r['bytes_accessed_per_step'] / 1e9:.1f} | {acc} | "
+      row = (f"| {r['model']} | {r['height']}x{r['width']}, {r['batch']} | {dtype} | "
+             f"{r['flops_per_step'] / 1e9:.0f} | {nbytes / 1e9:.1f} | {acc} | "
              f"{'compute' if compute >= memory else 'memory'} | {1e3 * step:.1f} | {rate:.0f}")
-      if pipeline_pairs_per_core_s:
+      if cores_col:
         row += f" | {rate / pipeline_pairs_per_core_s:.0f}"
       lines.append(row + " |")
   return "\n".join(lines)
