@@ -59,9 +59,11 @@ def test_weight_grad_matches_numpy(case, mode):
 
 
 @pytest.mark.parametrize("case", CASES + [(8, 8, 40, 40, 3, 1, 1, 1), (8, 8, 40, 40, 3, 2, 1, 1)])
-def test_conv2d_values_and_grads_match_lax(case):
+def test_conv2d_values_and_grads_match_lax(case, monkeypatch):
   """Forward identical to lax; (x, w) gradients of a nonlinear loss equal lax autodiff's (every wgrad mode is
-  reached: small channel products -> lax, 40x40 -> scan, C_out <= 8 at stride 1 -> concat)."""
+  reached: small channel products -> lax, 40x40 -> scan, C_out <= 8 at stride 1 -> concat; the size threshold
+  is lowered so that these small inputs take the matmul paths)."""
+  monkeypatch.setattr(conv_ops, "_MIN_TAP_MACS", 0)
   h, w, cin, cout, k, s, pad, d = case
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, h, w, cin)), jnp.float32)
@@ -81,6 +83,8 @@ def test_weight_grad_mode_selection():
   assert conv_ops.weight_grad_mode(565, 2, (2, 2)) == "scan"
   assert conv_ops.weight_grad_mode(16, 32, (2, 2)) == "lax"
   assert conv_ops.weight_grad_mode(117, 128, (1, 1)) == "scan"
+  assert conv_ops.weight_grad_mode(117, 128, (1, 1), 4 * 48 * 64) == "scan"
+  assert conv_ops.weight_grad_mode(32, 32, (1, 1), 4 * 48 * 64) == "lax"  # small problem: XLA's is faster
 
 
 def test_bfloat16_gradient_dtype_and_value():
@@ -105,12 +109,14 @@ def test_bad_inputs_name_the_shapes():
     conv_ops.set_default_impl("fast")
 
 
-def test_layers_conv_same_params_and_values_as_nn_conv():
+def test_layers_conv_same_params_and_values_as_nn_conv(monkeypatch):
   """layers.conv keeps nn.Conv's parameter tree (names, shapes, init values) and forward values; its kernel
-  gradient equals the one through plain lax."""
-  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 16, 16, 12)), jnp.float32)
-  ours = layers.conv(24, 3, stride=2, name="c")
-  plain = nn.Conv(24, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), kernel_init=layers.kaiming, name="c")
+  gradient (taken by the matmul scan here) equals the one through plain lax."""
+  monkeypatch.setattr(conv_ops, "_MIN_TAP_MACS", 0)
+  assert conv_ops.weight_grad_mode(40, 48, (2, 2), 2 * 8 * 8) == "scan"
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 16, 16, 40)), jnp.float32)
+  ours = layers.conv(48, 3, stride=2, name="c")
+  plain = nn.Conv(48, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), kernel_init=layers.kaiming, name="c")
   v1, v2 = ours.init(jax.random.key(0), x), plain.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, v1) == jax.tree.map(jnp.shape, v2)
   for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v2)):

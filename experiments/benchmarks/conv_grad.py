@@ -8,7 +8,7 @@ Shapes are 'HxW:Cin->Cout[/stride][@dilation]' (3x3 kernels, 'same' padding) at 
 list is a representative set of PWC-Net's convolutions (pyramid stride 2, estimator, predict_flow, context)
 at the given image size. The variants of one shape are alternated within each repeat (robust to the load of a
 shared machine); per shape it prints the median ms and GFLOP/s of: fwd, dx (lax), dw_lax, dw_ours
-(weight_grad_mode's choice) and mm (a (N*Ho*Wo, 9*Cin) @ (9*Cin, Cout) matmul), and dw_lax / dw_ours.
+(weight_grad_mode's choice), dw_scan (always the scan) and mm (a (N*Ho*Wo, 9*Cin) @ (9*Cin, Cout) matmul), and dw_lax / dw_ours.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def bench(batch: int, h: int, w: int, cin: int, cout: int, s: int, d: int, repea
   f = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pad, rhs_dilation=(d, d), dimension_numbers=DN)
   y = f(x, wt)
   g = jnp.asarray(rng.random(y.shape, np.float32))
-  mode = conv_ops.weight_grad_mode(cin, cout, (s, s))
   m = y.shape[0] * y.shape[1] * y.shape[2]
+  mode = conv_ops.weight_grad_mode(cin, cout, (s, s), m)
   a, b = jnp.ones((m, 9 * cin)), jnp.ones((9 * cin, cout))
   cases = {
       "fwd": (jax.jit(f), (x, wt)),
@@ -69,6 +69,7 @@ def bench(batch: int, h: int, w: int, cin: int, cout: int, s: int, d: int, repea
       "dw_lax": (jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g)[1]), (x, wt, g)),
       "dw_ours": (jax.jit(lambda x, g: conv_ops.weight_grad_matmul(x, g, wt.shape, (s, s), pad, (d, d), mode)
                           if mode != "lax" else jax.vjp(f, x, wt)[1](g)[1]), (x, g)),
+      "dw_scan": (jax.jit(lambda x, g: conv_ops.weight_grad_matmul(x, g, wt.shape, (s, s), pad, (d, d))), (x, g)),
       "mm": (jax.jit(lambda a, b: a @ b), (a, b)),
   }
   for fn, args in cases.values():
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     h, w, cin, cout, s, d = parse(spec)
     r = bench(args.batch, h, w, cin, cout, s, d, args.repeats)
     cols = " ".join(f"{k} {r[k] * 1e3:7.1f} ms ({r['flops'] / r[k] / 1e9:5.1f} GF/s)"
-                    for k in ("fwd", "dx", "dw_lax", "dw_ours", "mm"))
+                    for k in ("fwd", "dx", "dw_lax", "dw_ours", "dw_scan", "mm"))
     print(f"{spec:22s} [{r['mode']:6s}] {cols}  dw_lax/dw_ours {r['dw_lax'] / r['dw_ours']:.2f}x", flush=True)
   return 0
 

@@ -151,14 +151,21 @@ def _conv_fwd(x, w, strides, padding, dilation):
   return _lax_conv(x, w, strides, padding, dilation), (x, w)
 
 
-def weight_grad_mode(cin: int, cout: int, strides: Sequence[int]) -> str:
+# Below this many multiply-adds per tap (C_in * C_out * N * Ho * Wo) XLA's own weight gradient was as fast or
+# faster (conv_grad.py: 32 -> 32 at 48x64 batch 4 and 64 -> 96 stride 2 at 24x32: 0.6x; 531 -> 128 at 12x16:
+# 1.0x; 32 -> 32 at 96x128 batch 8: 1.5x; 117 -> 128 at 48x64 batch 4: 3.0x).
+_MIN_TAP_MACS = 5e7
+
+
+def weight_grad_mode(cin: int, cout: int, strides: Sequence[int], positions: int | None = None) -> str:
   """How `conv2d` computes a weight gradient on CPU, from measurements at PWC-Net shapes (conv_grad.py):
-  'concat' for few output channels at stride 1 (predict_flow 565 -> 2: ~8x faster than XLA's), 'lax' for
-  small channel products (16 -> 32: the per-tap products are memory bound there), 'scan' otherwise
-  (estimator, pyramid and context convolutions: ~2x faster than XLA's)."""
+  'concat' for few output channels at stride 1 (predict_flow 565 -> 2: ~7x faster than XLA's), 'lax' for
+  small channel products (16 -> 32) or small problems (`positions` = N * Ho * Wo output positions, when
+  given: fewer than _MIN_TAP_MACS multiply-adds per tap), 'scan' otherwise (estimator, fine pyramid and
+  context convolutions: 1.5-3x faster than XLA's)."""
   if cout <= 8 and tuple(strides) == (1, 1):
     return "concat"
-  if cin * cout < 1024:
+  if cin * cout < 1024 or (positions is not None and cin * cout * positions < _MIN_TAP_MACS):
     return "lax"
   return "scan"
 
@@ -168,7 +175,7 @@ def _conv_bwd(strides, padding, dilation, res, g):
   # The input gradient stays XLA's (a transposed convolution; it runs near matmul speed on CPU).
   (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, strides, padding, dilation),
                                jax.ShapeDtypeStruct(x.shape, x.dtype))(g)
-  mode = weight_grad_mode(w.shape[2], w.shape[3], strides)
+  mode = weight_grad_mode(w.shape[2], w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2])
   if mode == "lax":
     (dw,) = jax.linear_transpose(lambda w_: _lax_conv(x, w_, strides, padding, dilation),
                                  jax.ShapeDtypeStruct(w.shape, w.dtype))(g)
