@@ -26,6 +26,9 @@ flags.DEFINE_integer("process_id", None, "Index of this process for jax.distribu
 flags.DEFINE_bool("distributed_auto", False, "Call jax.distributed.initialize() with cluster auto-detection "
                   "(SLURM, Cloud TPU, MPI, ...).")
 flags.DEFINE_integer("stop_after_steps", None, "Stop (with a checkpoint) after this many steps of this run.")
+flags.DEFINE_string("compilation_cache", None, "Persistent XLA compilation cache directory (a second run of the "
+                    "same configuration skips compilation); default $JAXFLOW_COMPILATION_CACHE or "
+                    "~/.cache/jaxflow/xla; 'none' disables it.")
 
 
 def main(argv: list[str]) -> None:
@@ -36,7 +39,12 @@ def main(argv: list[str]) -> None:
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  from jaxflow import parallel
+  from jaxflow import parallel, platform
+  cache = FLAGS.compilation_cache
+  if cache is None:
+    platform.configure()
+  else:
+    platform.configure(cache_dir=None if cache.lower() in ("", "none") else cache)
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   auto=FLAGS.distributed_auto)
   try:
