@@ -21,6 +21,7 @@ import t7_writer  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from experiments.benchmarks import torch_reference  # noqa: E402  (the benchmark's plain-torch cost volume)
 from jaxflow import convert as jconvert  # noqa: E402
 from jaxflow.converters.common import ConversionError  # noqa: E402
 from jaxflow.predictor import load  # noqa: E402
@@ -68,18 +69,6 @@ def torch_warp(img, flow):
     out = out + vals * (wt * inside)[:, None]
     wsum = wsum + wt * inside
   return out, wsum
-
-
-def torch_correlation(f1, f2, max_disp, stride):
-  """Mean over channels of f1(x) * f2(x + d), d on a (2 max_disp / stride + 1)^2 grid, dy-major; zero outside."""
-  b, c, h, w = f1.shape
-  p = F.pad(f2, (max_disp, max_disp, max_disp, max_disp))
-  outs = []
-  for dy in range(-max_disp, max_disp + 1, stride):
-    for dx in range(-max_disp, max_disp + 1, stride):
-      shifted = p[:, :, max_disp + dy:max_disp + dy + h, max_disp + dx:max_disp + dx + w]
-      outs.append((f1 * shifted).mean(dim=1))
-  return torch.stack(outs, dim=1)
 
 
 def lrelu(x):
@@ -274,14 +263,14 @@ def pwc_reference(sd, im1, im2):
 
   bgr1, bgr2 = nchw(im1)[:, [2, 1, 0]], nchw(im2)[:, [2, 1, 0]]
   c1, c2 = pyramid(bgr1), pyramid(bgr2)
-  x = estimator(lrelu(torch_correlation(c1[5], c2[5], 4, 1)), 6)
+  x = estimator(lrelu(torch_reference.cost_volume(c1[5], c2[5], 4, 1)), 6)
   scales = {5: 0.625, 4: 1.25, 3: 2.5, 2: 5.0}
   flow = None
   for l in (5, 4, 3, 2):
     flow = conv(x, f"predict_flow{l + 1}", act=False)
     up_flow, up_feat = deconv(flow, f"deconv{l + 1}"), deconv(x, f"upfeat{l + 1}")
     warped = warp(c2[l - 1], up_flow * scales[l])
-    corr = lrelu(torch_correlation(c1[l - 1], warped, 4, 1))
+    corr = lrelu(torch_reference.cost_volume(c1[l - 1], warped, 4, 1))
     x = estimator(torch.cat([corr, c1[l - 1], up_flow, up_feat], 1), l)
   flow2 = conv(x, "predict_flow2", act=False)
   y = x
@@ -397,7 +386,7 @@ def flownet_reference(sd, kind, im1, im2, bgr=False):
     c1a, c1b = block(a, "conv1", 7, 2), block(b, "conv1", 7, 2)
     conv2, c2b = block(c1a, "conv2", 5, 2), block(c1b, "conv2", 5, 2)
     c3a, c3b = block(conv2, "conv3", 5, 2), block(c2b, "conv3", 5, 2)
-    corr = lrelu(torch_correlation(c3a, c3b, 20, 2))
+    corr = lrelu(torch_reference.cost_volume(c3a, c3b, 20, 2))
     x = torch.cat([block(c3a, "conv_redir", 1, 1), corr], 1)
   skips = {}
   for name, (k, s) in zip(NAMES[3:], GEOM[3:]):
