@@ -66,6 +66,10 @@ def make_init_fn(model: Any, tx: optax.GradientTransformation, image_shape: tupl
 
   return init
 
+# Side of the dummy image pair that initialises the parameters: their shapes do not depend on the image size, so
+# the one-off init program (a traced forward pass) runs on a small pair whatever the training crop.
+INIT_SIZE = 64
+
 
 def create_train_state(init_fn: Callable[[jax.Array], TrainState], seed: int,
                        sharding: jax.sharding.Sharding) -> tuple[TrainState, TrainState]:

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from jaxflow import checkpointing, optim, parallel, steps
-from jaxflow.train_state import TrainState, create_train_state, make_init_fn, make_key, param_count
+from jaxflow.train_state import INIT_SIZE, TrainState, create_train_state, make_init_fn, make_key, param_count
 
 TrainIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
 EvalIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
@@ -36,9 +36,6 @@ EvalIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or the gradients became NaN/Inf; the message names the first bad step."""
-
-
-INIT_SIZE = 64  # side of the dummy image pair that initialises the parameters
 
 
 def _log(msg: str) -> None:
@@ -241,9 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = int(config.total_steps)
 
   model = model if model is not None else build_model(config)
-  # Parameter shapes do not depend on the image size, so the one-off init program (a traced forward pass) runs
-  # on a small 64 x 64 pair whatever the crop: same parameters, a fraction of its compile and run time.
-  image_shape = (1, INIT_SIZE, INIT_SIZE, 3)
+  image_shape = (1, INIT_SIZE, INIT_SIZE, 3)  # same parameters at any crop; a fraction of the init compile
   trainable = None
   if tuple(config.trainable_levels):
     if config.model.name != "spynet":

@@ -141,7 +141,7 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   from jaxflow import losses, optim, parallel
   from jaxflow import steps as steps_lib
   from jaxflow.models import get_model
-  from jaxflow.train_state import create_train_state, make_init_fn
+  from jaxflow.train_state import INIT_SIZE, create_train_state, make_init_fn
   try:  # the process set-up the trainer uses (XLA flags, conv implementation), with this run's cache dir
     from jaxflow import platform as jaxflow_platform
   except ImportError:
@@ -163,7 +163,7 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   tx = optim.make_optimizer(optim_cfg, 1_000_000)
   loss_cfg = ml_collections.ConfigDict(spec["loss"])
   rep = parallel.replicated(mesh)
-  state, abstract = create_train_state(make_init_fn(model, tx, (1, h, w, 3)), 0, rep)
+  state, abstract = create_train_state(make_init_fn(model, tx, (1, INIT_SIZE, INIT_SIZE, 3)), 0, rep)
   jax.block_until_ready(state)
   t_init = time.time()
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
