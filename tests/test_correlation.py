@@ -1,5 +1,7 @@
 """Tests of jaxflow.ops.correlation against an independent numpy reference and exact constructed cases."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +217,35 @@ def test_bad_input_raises_clear_error(args, match):
 def test_integer_features_rejected():
   with pytest.raises(TypeError, match="floating"):
     correlation(jnp.zeros((1, 4, 4, 3), jnp.int32), jnp.zeros((1, 4, 4, 3), jnp.int32), 1)
+
+
+@pytest.mark.parametrize("shape,md,stride", [
+    ((2, 12, 17, 5), 4, 1),     # H, W not multiples of the tile side: padded tiles are cropped
+    ((1, 6, 8, 196), 4, 1),     # PWC-Net's top level: a single 8 x 8 tile
+    ((2, 9, 13, 6), 5, 2),      # stride 2 on odd sizes: uneven pixel phases
+    ((1, 20, 22, 4), 9, 3),     # stride 3: 9 phases, windows wider than two tiles
+    ((1, 40, 36, 3), 2, 1),     # a small radius, few channels: 4 x 4 tiles
+])
+def test_tiled_and_scan_agree_in_values_and_gradients(shape, md, stride):
+  # Two structurally different implementations (tile x window matmuls with skews vs one pass per
+  # displacement), each against the numpy reference, and their gradients against each other.
+  f1, f2 = _features(shape, 11 + md)
+  ref = numpy_correlation(f1, f2, md, stride)
+  k = 2 * (md // stride) + 1
+  g = np.random.default_rng(12).normal(size=shape[:3] + (k * k,)).astype(np.float32)
+  results = {}
+  for impl in ("tiled", "scan"):
+    fn = lambda a, b, impl=impl: correlation(a, b, md, stride, impl=impl)
+    out, vjp = jax.vjp(fn, jnp.asarray(f1), jnp.asarray(f2))
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6, err_msg=impl)
+    results[impl] = [np.asarray(x) for x in vjp(jnp.asarray(g))]
+  for a, b in zip(results["tiled"], results["scan"]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+
+
+def test_tile_side_choice_and_unknown_impl():
+  tile_side = sys.modules["jaxflow.ops.correlation"]._tile_side
+  assert tile_side(96, 128, 32, 4) == 8    # PWC-Net level 2
+  assert tile_side(24, 32, 256, 10) == 16  # FlowNetC phases: a wider window pays for bigger tiles
+  with pytest.raises(ValueError, match="impl"):
+    correlation(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 3)), 1, impl="fft")

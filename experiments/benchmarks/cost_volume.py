@@ -7,7 +7,9 @@ max displacement 4, stride 1 -> 81 channels) and FlowNetC (conv3 at 1/8: 48x64x2
 stride 2 -> 441 channels).
 
 Variants (all compute the same cost volume, float32):
-  jaxflow      jaxflow.ops.correlation: scan over the K*K displacements, custom VJP accumulating per displacement
+  jaxflow      jaxflow.ops.correlation (impl 'tiled'): T x T tiles x (T+2d)^2 windows as matmuls, custom VJP
+  scan         jaxflow.ops.correlation(impl='scan'): scan over the K*K displacements, custom VJP accumulating
+               per displacement (jaxflow's implementation until session 3)
   scan_ad      the same forward scan differentiated by JAX autodiff (saves a shifted f2 per displacement)
   rows_ad      scan over dy rows with the dx shifts unrolled as static slices of a row slab, autodiff
   unrolled_ad  Python loops over all dy, dx (K*K fused multiply-reduce ops), autodiff
@@ -98,6 +100,7 @@ def corr_dense(f1, f2, md, s):
 
 VARIANTS: dict[str, Callable] = {
     "jaxflow": correlation,
+    "scan": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="scan"),
     "scan_ad": corr_scan_ad,
     "rows_ad": corr_rows,
     "unrolled_ad": corr_unrolled,
@@ -118,7 +121,7 @@ def _mb(x: float) -> str:
 
 
 def run_case(name: str, shape: tuple[int, int, int, int], md: int, s: int, variants: list[str], repeats: int,
-             no_run: tuple[str, ...] = ()) -> None:
+             no_run: tuple[str, ...] = ()) -> dict[str, tuple[float, float]]:
   b, h, w, c = shape
   k = 2 * (md // s) + 1
   key1, key2, key3 = jax.random.split(jax.random.key(0), 3)
@@ -129,9 +132,10 @@ def run_case(name: str, shape: tuple[int, int, int, int], md: int, s: int, varia
   dense_bytes = 4 * b * k * k * c * h * w
   print(f"\n{name}: B,H,W,C = {shape}, max_displacement {md}, stride {s} -> {k * k} channels; "
         f"memory floor {_mb(floor).strip()} MB, K*K*C*H*W*B intermediate {_mb(dense_bytes).strip()} MB")
-  print(f"  {'variant':12s} {'fwd+bwd ms':>11s} {'compile s':>10s} {'temp MB':>9s} {'total/floor':>12s} "
-        f"{'temp/KKCHW':>11s}")
+  print(f"  {'variant':12s} {'fwd+bwd ms':>11s} {'CPU ms':>8s} {'compile s':>10s} {'temp MB':>9s} "
+        f"{'total/floor':>12s} {'temp/KKCHW':>11s}")
   ref = None
+  results = {}
   for v in variants:
     f = fwd_bwd(VARIANTS[v], md, s)
     t0 = time.perf_counter()
@@ -140,7 +144,7 @@ def run_case(name: str, shape: tuple[int, int, int, int], md: int, s: int, varia
     mem = compiled.memory_analysis()
     temp = mem.temp_size_in_bytes
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes + temp
-    ms = float("nan")
+    ms = cpu_ms = float("nan")
     if v not in no_run:
       out = jax.block_until_ready(compiled(f1, f2, g))
       if ref is None:
@@ -148,14 +152,18 @@ def run_case(name: str, shape: tuple[int, int, int, int], md: int, s: int, varia
       else:
         err = max(float(jnp.max(jnp.abs(a - r))) for a, r in zip(out, ref))
         assert err < 1e-3, f"{v} disagrees with {variants[0]} by {err}"
-      times = []
+      times, cpu = [], []
       for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(compiled(f1, f2, g))
         times.append(time.perf_counter() - t0)
-      ms = 1e3 * float(np.median(times))
+        cpu.append(time.process_time() - c0)
+      ms, cpu_ms = 1e3 * float(np.median(times)), 1e3 * float(np.median(cpu))
+      results[v] = (ms, cpu_ms)
     shown = "not run" if v in no_run else f"{ms:.1f}"
-    print(f"  {v:12s} {shown:>11s} {t_compile:10.1f} {_mb(temp)} {total / floor:12.2f} {temp / dense_bytes:11.3f}")
+    print(f"  {v:12s} {shown:>11s} {cpu_ms:8.1f} {t_compile:10.1f} {_mb(temp)} {total / floor:12.2f} "
+          f"{temp / dense_bytes:11.3f}")
+  return results
 
 
 def run_warp(b: int, repeats: int) -> None:
@@ -186,7 +194,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--variants", default="jaxflow,scan_ad,rows_ad,unrolled_ad,band_mm,dense")
+  parser.add_argument("--variants", default="jaxflow,scan,scan_ad,rows_ad,unrolled_ad,band_mm,dense")
   parser.add_argument("--quick", action="store_true", help="only PWC-Net level 2 and FlowNetC")
   parser.add_argument("--warp", action="store_true", help="also time jaxflow.ops.warp against autodiff")
   args = parser.parse_args()
@@ -199,9 +207,17 @@ def main() -> None:
   pwc = [(2, 96, 128, 32), (3, 48, 64, 64), (4, 24, 32, 96), (5, 12, 16, 128), (6, 6, 8, 196)]
   if args.quick:
     pwc = pwc[:1]
+  totals: dict[str, list[float]] = {}
   for level, h, w, c in pwc:
     # Every variant is affordable at PWC-Net sizes (81 displacements), so all are timed.
-    run_case(f"PWC-Net level {level}", (b, h, w, c), 4, 1, variants, args.repeats)
+    for v, (ms, cpu_ms) in run_case(f"PWC-Net level {level}", (b, h, w, c), 4, 1, variants, args.repeats).items():
+      totals.setdefault(v, [0.0, 0.0])
+      totals[v][0] += ms
+      totals[v][1] += cpu_ms
+  print(f"\nPWC-Net levels {pwc[0][0]}..{pwc[-1][0]} at batch {b}, sum of the medians (fwd+bwd):")
+  for v, (ms, cpu_ms) in totals.items():
+    ratio = f", CPU time {cpu_ms / totals[variants[0]][1]:.2f}x {variants[0]}'s" if v != variants[0] else ""
+    print(f"  {v:12s} {ms:9.1f} ms wall, {cpu_ms:9.1f} ms CPU{ratio}")
   # FlowNetC: a 441 x 256 x 48 x 64 x B intermediate (10.6 GB at B = 8) is what the autodiff scans and the
   # dense variant build, so those are compiled for their memory analysis but not run; the unrolled variant
   # (441 separate ops) takes minutes to compile and is left out.

@@ -4,13 +4,25 @@
 (dy, dx) of a square window, the mean over channels of f1(y, x) * f2(y + dy, x + dx); positions outside f2
 contribute zero (zero padding).
 
-Implementation: a `lax.scan` over the K*K displacements (K = 2n+1), each step one dense fused
-dynamic-slice * f1 -> sum over C loop over (B, H, W, C), so no intermediate of size
-displacements x channels x H x W is ever materialised. The backward pass is a
-`jax.custom_vjp` with the same structure: both input gradients are accumulated per displacement in a
-(B, H, W, C) float32 carry, and the f2 gradient is written as a correlation of the zero-padded
-(g, f1) pair with the displacement window flipped, so it needs neither a scatter nor any stacked residual
-(autodiff of the scan would save one shifted (B, H, W, C) copy of f2 per displacement).
+Two implementations of the same sums, both `jax.custom_vjp`s (gradients are written by hand, not autodiff):
+
+- 'tiled' (the default): the image is cut into T x T pixel tiles. For one tile, every product it needs lies in
+  the (T + 2d) x (T + 2d) window of f2 around it, so the tile's products with its whole window are one small
+  matmul over channels, (T*T, C) @ (C, (T+2d)^2); the K*K wanted displacements of each pixel are then read off
+  that block by two "skews" (pad / reshape / slice: pure data movement, no gather). The backward pass embeds
+  the cotangent back into the band of the block (the transposed skews) and needs two matmuls of the same
+  shape: dF1 = dM @ window and dWindow = dM^T @ F1, the windows' gradients being summed back onto f2 by the
+  transpose of the window construction. One batch element is processed at a time (`lax.map`), so the
+  temporaries are per image: (T+2d)^2 / T^2 copies of f2's channels (4x for PWC-Net: T = 8, d = 4) and a
+  (T+2d)^2 per-pixel block (3.2x the cost volume), never K*K x C x H x W. A displacement stride s > 1
+  (FlowNetC) is handled by splitting both maps into their s x s pixel phases: displacements that are multiples
+  of s stay within a phase, so each phase is a stride-1 correlation of a (H/s, W/s) map. Measured on CPU
+  (experiments/benchmarks/cost_volume.py): it reads and writes a few times the feature maps instead of
+  streaming f1 and a shifted f2 once per displacement (2 x K*K passes over memory in the scan).
+- 'scan': a `lax.scan` over the K*K displacements, each step one fused dynamic-slice * f1 -> sum over C,
+  and a backward scan accumulating both input gradients in (B, H, W, C) float32 carries (the f2 gradient is a
+  correlation of the zero-padded (g, f1) pair with the window flipped, so it needs no scatter). Memory-light but
+  memory-bound; kept as a second, structurally different implementation for the tests and the benchmark.
 
 Precision: products and sums are float32 for bfloat16, float16 and float32 inputs (bfloat16 products are
 exact in float32) and the output is float32 (DESIGN.md: cost-volume accumulation stays float32); float64
@@ -138,11 +150,161 @@ def _correlation_bwd(n, s, residuals, g):
 
 
 _correlation.defvjp(_correlation_fwd, _correlation_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiled implementation (stride 1; stride s > 1 goes through the s x s pixel phases, see `_by_phases`).
+
+
+def _tile_side(h: int, w: int, c: int, d: int) -> int:
+  """Tile side T for an (h, w, c) map and a displacement radius d: minimises the per-pixel data the tiled path
+  moves, (T+2d)^2/T^2 * c window values + (T+2d)^2 block values, over the padded (multiple of T) image."""
+  best = None
+  for t in (4, 8, 16, 32):
+    s = t + 2 * d
+    padded = (-(-h // t) * t) * (-(-w // t) * t) / (h * w)
+    cost = padded * (s * s / (t * t) * c + s * s)
+    if best is None or cost < best[0]:
+      best = (cost, t)
+  return best[1]
+
+
+def _tiles(x: jax.Array, t: int) -> jax.Array:
+  """(H, W, C) -> (nty, ntx, T*T, C) tiles, zero-padded at the end to multiples of T; pixel (p, q) of a tile
+  at row p * T + q."""
+  h, w, c = x.shape
+  nty, ntx = -(-h // t), -(-w // t)
+  xp = jnp.pad(x, ((0, nty * t - h), (0, ntx * t - w), (0, 0)))
+  return jnp.transpose(xp.reshape(nty, t, ntx, t, c), (0, 2, 1, 3, 4)).reshape(nty, ntx, t * t, c)
+
+
+def _untile(a: jax.Array, t: int, h: int, w: int) -> jax.Array:
+  """Inverse of `_tiles` for any trailing size: (nty, ntx, T*T, E) -> (H, W, E)."""
+  nty, ntx, _, e = a.shape
+  a = jnp.transpose(a.reshape(nty, ntx, t, t, e), (0, 2, 1, 3, 4))
+  return a.reshape(nty * t, ntx * t, e)[:h, :w]
+
+
+def _windows(x: jax.Array, t: int, d: int) -> jax.Array:
+  """(H, W, C) -> (nty, ntx, S*S, C), S = T + 2d: window (ty, tx) holds rows ty*T - d ... ty*T + T + d - 1 and
+  the same columns of x (zero outside), position (a, e) of the window at row a * S + e. Built from whole
+  tiles of the padded map (m = ceil(S / T) neighbouring tiles per axis, cropped to S)."""
+  h, w, c = x.shape
+  s = t + 2 * d
+  m = -(-s // t)
+  nty, ntx = -(-h // t), -(-w // t)
+  xp = jnp.pad(x, ((d, (nty + m - 1) * t - h - d), (d, (ntx + m - 1) * t - w - d), (0, 0)))
+  xt = jnp.transpose(xp.reshape(nty + m - 1, t, ntx + m - 1, t, c), (0, 2, 1, 3, 4))  # (ty, tx, p, q, C)
+  rows = [jnp.concatenate([xt[u:u + nty, v:v + ntx] for v in range(m)], axis=3)[:, :, :, :s] for u in range(m)]
+  return jnp.concatenate(rows, axis=2)[:, :, :s].reshape(nty, ntx, s * s, c)
+
+
+def _skew(m: jax.Array, t: int, s: int, k: int) -> jax.Array:
+  """(..., T, S) -> (..., T, K) with out[..., q, j] = m[..., q, q + j]: the band of a block, by pad/reshape."""
+  lead = m.shape[:-2]
+  flat = jnp.pad(m.reshape(lead + (t * s,)), [(0, 0)] * len(lead) + [(0, t)])
+  return flat.reshape(lead + (t, s + 1))[..., :k]
+
+
+def _unskew(g: jax.Array, t: int, s: int, k: int) -> jax.Array:
+  """Transpose of `_skew`: (..., T, K) -> (..., T, S) with g[..., q, j] at [..., q, q + j], zeros elsewhere."""
+  lead = g.shape[:-2]
+  full = jnp.pad(g, [(0, 0)] * len(lead) + [(0, 0), (0, s + 1 - k)])
+  return full.reshape(lead + (t * (s + 1),))[..., :t * s].reshape(lead + (t, s))
+
+
+def _forward_tiled_one(f1: jax.Array, f2: jax.Array, n: int, t: int) -> jax.Array:
+  """One image: (H, W, C) x2 -> (H, W, K*K) in f1's dtype (the accumulation dtype), unnormalised sums."""
+  h, w, c = f1.shape
+  k, s = 2 * n + 1, t + 2 * n
+  block = jnp.einsum("yxpc,yxwc->yxpw", _tiles(f1, t), _windows(f2, t, n), preferred_element_type=f1.dtype)
+  nty, ntx = block.shape[:2]
+  block = block.reshape(nty, ntx, t, t, s, s)                   # (p, q, a, e): pixel (p, q), window (a, e)
+  band = _skew(jnp.transpose(block, (0, 1, 2, 4, 3, 5)), t, s, k)   # (p, a, q, j): e = q + j
+  band = _skew(jnp.transpose(band, (0, 1, 4, 5, 2, 3)), t, s, k)    # (q, j, p, i): a = p + i
+  band = jnp.transpose(band, (0, 1, 4, 2, 5, 3))                    # (p, q, i, j)
+  return _untile(band.reshape(nty, ntx, t * t, k * k), t, h, w)
+
+
+def _backward_tiled_one(f1: jax.Array, f2: jax.Array, g: jax.Array, n: int, t: int
+                        ) -> tuple[jax.Array, jax.Array]:
+  """One image: gradients of sum(g * unnormalised correlation) w.r.t. f1 and f2, (H, W, C) each."""
+  h, w, c = f1.shape
+  k, s = 2 * n + 1, t + 2 * n
+  gt = _tiles(g, t)
+  nty, ntx = gt.shape[:2]
+  gt = gt.reshape(nty, ntx, t, t, k, k)                             # (p, q, i, j)
+  gt = _unskew(jnp.transpose(gt, (0, 1, 3, 5, 2, 4)), t, s, k)      # (q, j, p, a)
+  gt = _unskew(jnp.transpose(gt, (0, 1, 4, 5, 2, 3)), t, s, k)      # (p, a, q, e)
+  dblock = jnp.transpose(gt, (0, 1, 2, 4, 3, 5)).reshape(nty, ntx, t * t, s * s)
+  # The windows are linear in f2: their VJP (pads, slices and adds) sums the windows' gradients back onto f2.
+  windows, windows_vjp = jax.vjp(lambda x: _windows(x, t, n), f2)
+  d1 = jnp.einsum("yxpw,yxwc->yxpc", dblock, windows, preferred_element_type=f1.dtype)
+  dwin = jnp.einsum("yxpw,yxpc->yxwc", dblock, _tiles(f1, t), preferred_element_type=f1.dtype)
+  (d2,) = windows_vjp(dwin)
+  return _untile(d1, t, h, w), d2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _correlation_tiled(f1: jax.Array, f2: jax.Array, n: int, t: int) -> jax.Array:
+  return _forward_tiled(f1, f2, n, t)
+
+
+def _forward_tiled(f1, f2, n, t):
+  b, h, w, c = f1.shape
+  acc = _acc_dtype(f1, f2)
+  out = lax.map(lambda xs: _forward_tiled_one(xs[0], xs[1], n, t), (f1.astype(acc), f2.astype(acc)))
+  return out * (1.0 / c)
+
+
+def _correlation_tiled_fwd(f1, f2, n, t):
+  return _forward_tiled(f1, f2, n, t), (f1, f2)
+
+
+def _correlation_tiled_bwd(n, t, residuals, g):
+  f1, f2 = residuals
+  c = f1.shape[-1]
+  acc = _acc_dtype(f1, f2, g)
+  g = g.astype(acc) * (1.0 / c)
+  d1, d2 = lax.map(lambda xs: _backward_tiled_one(xs[0], xs[1], xs[2], n, t),
+                   (f1.astype(acc), f2.astype(acc), g))
+  return d1.astype(f1.dtype), d2.astype(f2.dtype)
+
+
+_correlation_tiled.defvjp(_correlation_tiled_fwd, _correlation_tiled_bwd)
+
+
+def _by_phases(f1: jax.Array, f2: jax.Array, n: int, s: int) -> jax.Array:
+  """Stride-s correlation as s*s stride-1 tiled correlations of the pixel phases; (B, H, W, K*K)."""
+  b, h, w, c = f1.shape
+  k = 2 * n + 1
+  if s == 1:
+    return _correlation_tiled(f1, f2, n, _tile_side(h, w, c, n))
+  hp, wp = -(-h // s), -(-w // s)
+  # Zero rows/columns at the end make H, W multiples of s: zeros of f2 add nothing, those of f1 are cropped.
+  pad = ((0, 0), (0, hp * s - h), (0, wp * s - w), (0, 0))
+
+  def phases(x):  # (B, H, W, C) -> (s*s*B, H/s, W/s, C), phase (py, px) = x[:, py::s, px::s]
+    x = jnp.pad(x, pad).reshape(b, hp, s, wp, s, c)
+    return jnp.transpose(x, (2, 4, 0, 1, 3, 5)).reshape(s * s * b, hp, wp, c)
+
+  out = _correlation_tiled(phases(f1), phases(f2), n, _tile_side(hp, wp, c, n))
+  out = jnp.transpose(out.reshape(s, s, b, hp, wp, k * k), (2, 3, 0, 4, 1, 5))
+  return out.reshape(b, hp * s, wp * s, k * k)[:, :h, :w]
+
+
+
+def _correlation_any(f1: jax.Array, f2: jax.Array, n: int, s: int, impl: str) -> jax.Array:
+  return _by_phases(f1, f2, n, s) if impl == "tiled" else _correlation(f1, f2, n, s)
+
+
 # Jitted so eager calls compile once instead of dispatching primitive by primitive; inlined under jit.
-_correlation_jit = jax.jit(_correlation, static_argnums=(2, 3))
+_correlation_jit = jax.jit(_correlation_any, static_argnums=(2, 3, 4))
+IMPLS = ("tiled", "scan")
 
 
-def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int = 1) -> jax.Array:
+def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int = 1, *,
+                impl: str = "tiled") -> jax.Array:
   """Cost volume: mean over channels of f1(y, x) * f2(y + dy, x + dx) for a square window of displacements.
 
   Args:
@@ -150,6 +312,8 @@ def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int
     max_displacement: largest |dy|, |dx| in pixels; rounded down to a multiple of `stride` (d).
     stride: step between displacements in pixels (FlowNetC's stride2 = 2; PWC-Net 1). Output positions
       are every pixel (stride1 = 1), so the spatial size is unchanged.
+    impl: 'tiled' (tile x window matmuls, the fast default) or 'scan' (one pass per displacement); the same
+      values up to float32 summation order (see the module docstring).
 
   Returns:
     float32 (B, H, W, K*K) (float64 for float64 inputs), K = 2 * (max_displacement // stride) + 1. Channel (i * K + j) holds the
@@ -161,7 +325,9 @@ def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int
   the forward or the backward pass (see the module docstring).
   """
   n, _ = _check_inputs(f1, f2, max_displacement, stride)
-  return _correlation_jit(f1, f2, n, stride)
+  if impl not in IMPLS:
+    raise ValueError(f"correlation: impl must be one of {IMPLS}, got {impl!r}")
+  return _correlation_jit(f1, f2, n, stride, impl)
 
 
-__all__ = ["correlation"]
+__all__ = ["IMPLS", "correlation"]
