@@ -235,11 +235,11 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_pow_unit_matches_numpy():
   x = np.concatenate([[0.0, 1e-30, 1e-8, 1e-3], np.linspace(0.0, 1.0, 5001)]).astype(np.float32)
-  for g in (0.7, 1.0, 1.2, 1.5):
+  for g in (0.5, 0.7, 1.0, 1.2, 1.5, 2.0):
     got = augment.pow_unit(tf.constant(x), tf.constant(g, tf.float32)).numpy()
     ref = x.astype(np.float64) ** g
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-12)
-  assert augment.pow_unit(tf.constant([1.0]), tf.constant(1.5)).numpy()[0] == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(got, ref, rtol=3e-5, atol=1e-12)
+    assert augment.pow_unit(tf.constant([1.0]), tf.constant(g, tf.float32)).numpy()[0] == 1.0
 
 
 def test_hash_normal_is_keyed_standard_noise():
