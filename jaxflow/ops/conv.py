@@ -123,6 +123,8 @@ def weight_grad_matmul(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], 
     gp = lax.dynamic_update_slice(jnp.zeros((n, gy, gx, cout), g.dtype), g, (0, oy, ox, 0))
     return jnp.matmul(ph, gp.reshape(big_l, cout), preferred_element_type=acc)
 
+  if (sy, sx) == (1, 1) and mode in ("scan", "concat"):
+    return _weight_grad_stride1(x, g, kernel_shape, padding, dilation, mode, acc)
   if mode == "concat":
     if sy * sx != 1:
       raise ValueError("conv: mode 'concat' needs stride 1")
@@ -139,6 +141,42 @@ def weight_grad_matmul(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], 
     _, dw = lax.scan(lambda _, t: (None, tap_product(t[0], t[1], t[2])), None, ts)
   else:
     raise ValueError(f"conv: mode must be 'scan' or 'unrolled', got {mode!r}")
+  return dw.reshape(kh, kw, cin, cout)
+
+
+def _weight_grad_stride1(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
+                         padding: Sequence[tuple[int, int]], dilation: Sequence[int], mode: str, acc) -> jax.Array:
+  """Stride-1 weight gradient with the input used in place (no padded or transposed copy of x).
+
+  Tap (i, j) reads x[n, y + d*i - lo, x + d*j - lo] against g[n, y, x]; on x's own grid that is
+  x[n, y', x'] against g shifted by (lo - d*i, lo - d*j) and zero outside, so every tap is
+  x.reshape(L, C_in)^T @ shifted_g.reshape(L, C_out) with L = N*H*W: the contraction runs over x's leading
+  axis (a transposed-operand matmul, no copy), and only g (C_out channels) is copied, once per tap.
+  Positions of the padded border carry zeros in x, so leaving them out changes nothing.
+  """
+  kh, kw, cin, cout = kernel_shape
+  n, h, w, _ = x.shape
+  ho, wo = g.shape[1:3]
+  xl = x.reshape(n * h * w, cin)
+  # g zero-padded so that any tap's shifted (h, w) window is a slice of it: g[n, y - oy, x - ox] for
+  # offsets oy = d*i - lo in [-lo, d*(kh-1) - lo].
+  top, left = padding[0][0], padding[1][0]
+  pad_lo_y, pad_lo_x = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+  gp = jnp.pad(g, ((0, 0), (pad_lo_y, max(0, h - ho + top)), (pad_lo_x, max(0, w - wo + left)), (0, 0)))
+  offsets = [(pad_lo_y + top - dilation[0] * i, pad_lo_x + left - dilation[1] * j)
+             for i in range(kh) for j in range(kw)]
+
+  def shifted(oy, ox):
+    return lax.dynamic_slice(gp, (0, oy, ox, 0), (n, h, w, cout)).reshape(n * h * w, cout)
+
+  contract = (((0,), (0,)), ((), ()))
+  if mode == "concat":
+    gs = jnp.concatenate([shifted(oy, ox) for oy, ox in offsets], axis=-1)  # (L, K * C_out)
+    dw = lax.dot_general(xl, gs, contract, preferred_element_type=acc)
+    return jnp.transpose(dw.reshape(cin, kh, kw, cout), (1, 2, 0, 3))
+  ts = jnp.asarray(offsets, jnp.int32)
+  _, dw = lax.scan(lambda _, t: (None, lax.dot_general(xl, shifted(t[0], t[1]), contract,
+                                                       preferred_element_type=acc)), None, ts)
   return dw.reshape(kh, kw, cin, cout)
 
 
