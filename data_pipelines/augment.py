@@ -275,9 +275,9 @@ def hash_normal(key: tf.Tensor, shape: tuple[int, ...]) -> tf.Tensor:
   i = tf.range(n, dtype=tf.int32)
   k0 = _lowbias32(tf.bitwise.bitwise_xor(words[0], _lowbias32(tf.bitwise.bitwise_xor(words[1], words[2]) + words[3])))
   h = _lowbias32(tf.bitwise.bitwise_xor(tf.cast(i, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32), k0))
-  total = tf.zeros([n], tf.int32)
-  for shift in (0, 8, 16, 24):
-    total += tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(h, shift), 255), tf.int32)
+  # Sum of the four bytes: pairwise in 16-bit fields (bytes 0 + 1 and 2 + 3, each sum < 2^16), then the fields.
+  pairs = tf.bitwise.bitwise_and(h, 0x00FF00FF) + tf.bitwise.bitwise_and(tf.bitwise.right_shift(h, 8), 0x00FF00FF)
+  total = tf.cast(tf.bitwise.bitwise_and(pairs, 0xFFFF) + tf.bitwise.right_shift(pairs, 16), tf.int32)
   # Sum of 4 discrete uniforms on 0..255: mean 510, variance 4 * (256^2 - 1) / 12.
   z = (tf.cast(total, tf.float32) - 510.0) * (1.0 / math.sqrt(4 * (256 ** 2 - 1) / 12))
   return tf.reshape(z, shape)

@@ -12,9 +12,10 @@ view or where frame 2 shows another layer at the (rounded) target pixel; `valid`
 
 Speed. Random parameters are drawn with a few stateless TF ops keyed by (seed, example index); rendering is one
 XLA-compiled function. Each chair's coverage (nearest sprite texel has alpha > 127) is tested only in 8 x 8 pixel
-tiles over its bounding box: the tiles of all chairs are numbered consecutively and processed 256 at a time in a
-while loop (trip count = actual chair area, no fixed-size windows), merged into per-frame layer-value maps (a
-z-buffer) with a scatter-max. Then one full-frame pass per frame samples, for every pixel, the image of its layer
+tiles inside its bounding box that meet its mapped opaque box (per 8-row band, the run of tiles spanning the
+quadrilateral there: about two thirds of the bounding box for a rotated chair): the tiles of all chairs are
+numbered consecutively and processed 256 at a time in a while loop (trip count = actual chair area, no
+fixed-size windows), merged into per-frame layer-value maps (a z-buffer) with a scatter-max. Then one full-frame pass per frame samples, for every pixel, the image of its layer
 (photo via its affine map, reflected at the photo border, or the chair's sprite), bilinearly, as one int64 per
 pixel (three 21-bit colour lanes: XLA computes coordinates and gathers once per pixel, not once per channel), and
 one pass computes flow and occlusion. A second small XLA function decodes the colours (and applies the
@@ -302,6 +303,37 @@ def _round(x: tf.Tensor) -> tf.Tensor:
   return tf.cast(tf.floor(x + 0.5), tf.int32)
 
 
+def _row_spans(quad: tf.Tensor, box: tf.Tensor, rows: int, tile: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """Column ranges of convex quadrilaterals per band of `tile` pixel rows (for the chair coverage tiles).
+
+  quad: float32 (K, 4, 2) corners (x, y) in the order (x0, y0), (x1, y0), (x0, y1), (x1, y1) of the mapped box;
+  box: int32 (K, 4) (x0, y0, x1, y1) clip box. Returns int32 (lo, hi), each (K, rows): band r holds the pixel
+  centres with y in [r * tile, r * tile + tile - 1]; every centre of band r that lies in quad k has lo <= x <= hi
+  (the exact extent widened by one pixel against float rounding, then clipped to the box; lo > hi when empty).
+  """
+  ring = tf.gather(quad, [0, 1, 3, 2], axis=1)  # Convex polygon order.
+  nxt = tf.roll(ring, -1, axis=1)
+  ya = tf.range(rows, dtype=tf.float32) * tile - 1.0  # The band of pixel centres, widened by one pixel.
+  yb = ya + (tile - 1) + 2.0
+  px, py = ring[:, None, :, 0], ring[:, None, :, 1]  # (K, 1, 4)
+  qx, qy = nxt[:, None, :, 0], nxt[:, None, :, 1]
+  big = 1e9
+  # Corners inside the band, and crossings of the band's two border lines with the edges.
+  corner_in = (py >= ya[None, :, None]) & (py <= yb[None, :, None])  # (K, R, 4)
+  lo = tf.reduce_min(tf.where(corner_in, px, big), -1)
+  hi = tf.reduce_max(tf.where(corner_in, px, -big), -1)
+  band = tf.stack([ya, yb], -1)[None, :, None, :]  # (1, R, 1, 2)
+  px, py, qx, qy = px[..., None], py[..., None], qx[..., None], qy[..., None]  # (K, 1, 4, 1)
+  dy = qy - py
+  cross = (tf.minimum(py, qy) <= band) & (band <= tf.maximum(py, qy)) & (dy != 0)
+  xc = px + (band - py) * (qx - px) / tf.where(dy != 0, dy, 1.0)  # (K, R, 4, 2)
+  lo = tf.minimum(lo, tf.reduce_min(tf.where(cross, xc, big), [-2, -1]))
+  hi = tf.maximum(hi, tf.reduce_max(tf.where(cross, xc, -big), [-2, -1]))
+  lo = tf.maximum(tf.cast(tf.floor(tf.maximum(lo, -1e6)), tf.int32) - 1, box[:, 0:1])
+  hi = tf.minimum(tf.cast(tf.math.ceil(tf.minimum(hi, 1e6)), tf.int32) + 1, box[:, 2:3])
+  return lo, hi
+
+
 def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape: tuple,
                    out_size: tuple[int, int]) -> Callable:
   """The XLA-compiled renderer: render(raw, geo, backgrounds, sprite_rgb, sprite_alpha, sprite_box) -> dict.
@@ -317,21 +349,30 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
   kmax = int(cfg.num_chairs[1])
   tile, chunk = _TILE, _CHUNK
 
-  def coverage(q_rows, box, value, alpha_flat, alpha_base):
+  rows_n = -(-hc // tile)  # Tile rows of the frame.
+
+  def coverage(q_rows, box, value, alpha_flat, alpha_base, quad):
     """Z-buffer: (hc * wc,) int32 top layer value per pixel (0 = background, else the chair's `value`).
 
     Chair k covers output pixel x when its sprite texel nearest to Q_k(x) (Q_k = q_rows[k], output -> sprite) has
-    alpha > 127. Only the pixels of TILE x TILE tiles over each chair's bounding box `box` (x0, y0, x1, y1
-    inclusive, clipped to the frame) are tested: the tiles of all chairs are numbered consecutively and processed
-    CHUNK at a time in a while loop whose trip count follows the actual chair area, each chunk merged into the
-    z-buffer with a scatter-max (the front-most chair has the largest value).
+    alpha > 127. Only pixels in the chair's bounding box `box` (x0, y0, x1, y1 inclusive, clipped to the frame)
+    are tested, in TILE x TILE tiles, and only the tiles that meet the chair's opaque quadrilateral `quad`: each
+    TILE-row of the box contributes the run of tiles spanning the quadrilateral's extent in that row (a rotated
+    box fills about two thirds of its bounding box). The tiles of all chairs are numbered consecutively (chair,
+    row, tile) and processed CHUNK at a time in a while loop whose trip count follows the actual chair area,
+    each chunk merged into the z-buffer with a scatter-max (the front-most chair has the largest value).
     """
     if kmax == 0:
       return tf.zeros([hc * wc], tf.int32)
     x0, y0, x1, y1 = box[:, 0], box[:, 1], box[:, 2], box[:, 3]
     present = (value > 0) & (x1 >= x0) & (y1 >= y0)
-    tiles_w = (x1 - x0 + tile) // tile
-    ntiles = tf.where(present, tiles_w * ((y1 - y0 + tile) // tile), 0)
+    lo, hi = _row_spans(quad, box, rows_n, tile)  # (K, R) pixel columns
+    row_top = tf.range(rows_n, dtype=tf.int32) * tile
+    in_rows = (row_top[None, :] + tile - 1 >= y0[:, None]) & (row_top[None, :] <= y1[:, None])
+    span_x0 = tf.maximum(lo, x0[:, None])
+    count = tf.where(present[:, None] & in_rows & (hi >= span_x0), (hi - span_x0 + tile) // tile, 0)  # (K, R)
+    row_ends = tf.cumsum(count, axis=1)  # Within each chair.
+    ntiles = row_ends[:, -1]
     ends = tf.cumsum(ntiles)
     starts = ends - ntiles
     total = tf.reduce_sum(ntiles)
@@ -342,13 +383,14 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
       g = i * chunk + tf.range(chunk, dtype=tf.int32)
       kid = tf.minimum(tf.reduce_sum(tf.cast(ends[None, :] <= g[:, None], tf.int32), 1), kmax - 1)
       local = g - tf.gather(starts, kid)
-      tw = tf.gather(tiles_w, kid)
-      ty = local // tw
-      tx = local - ty * tw
+      chair_rows = tf.gather(row_ends, kid)  # (chunk, R)
+      row = tf.minimum(tf.reduce_sum(tf.cast(chair_rows <= local[:, None], tf.int32), 1), rows_n - 1)
+      at = tf.stack([kid, row], 1)
+      tx = local - (tf.gather_nd(row_ends, at) - tf.gather_nd(count, at))  # Tile number within the row's run.
       col = lambda t: tf.gather(t, kid)[:, None, None]
-      x = col(x0) + (tx * tile)[:, None, None] + r[None, None, :]  # (chunk, 1, tile)
-      y = col(y0) + (ty * tile)[:, None, None] + r[None, :, None]  # (chunk, tile, 1)
-      inside = (g < total)[:, None, None] & (x <= col(x1)) & (y <= col(y1))
+      x = (tf.gather_nd(span_x0, at) + tx * tile)[:, None, None] + r[None, None, :]  # (chunk, 1, tile)
+      y = (row * tile)[:, None, None] + r[None, :, None]  # (chunk, tile, 1)
+      inside = (g < total)[:, None, None] & (x <= col(x1)) & (y >= col(y0)) & (y <= col(y1))
       xf, yf = tf.cast(x, tf.float32), tf.cast(y, tf.float32)
       ix = _round(col(q[0]) * xf + col(q[1]) * yf + col(q[4]))
       iy = _round(col(q[2]) * xf + col(q[3]) * yf + col(q[5]))
@@ -397,7 +439,7 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
       hi = tf.clip_by_value(hi, -1, lim)
       empty = box[:, 0] > box[:, 2]
       bbox = tf.concat([lo, tf.where(empty[:, None], lo - 1, hi)], 1)
-      layer = coverage(_rows(*to_sprite), bbox, value, alpha, alpha_base)
+      layer = coverage(_rows(*to_sprite), bbox, value, alpha, alpha_base, pts)
       is_fg = layer > 0
       # Per pixel: the output -> image map of its layer (photo for the background, else the chair's sprite).
       rows = tf.concat([_rows(*photo_maps[f])[None], tf.gather(_rows(*to_sprite), by_value)], 0)
