@@ -39,6 +39,8 @@ from jaxflow.models.layers import (check_image_pair, conv, deconv, fit_to_multip
                                    leaky_relu, upsample_to_input)
 from jaxflow.ops import correlation, warp_with_mask
 
+COST_VOLUME_NORMS = ("none", "cosine")
+
 
 class FeaturePyramid(nn.Module):
   """Shared feature extractor: (B, H, W, 3) -> [level 1 (B, H/2, W/2, c1), ..., level L (B, H/2**L, ...)]."""
@@ -106,6 +108,15 @@ class PWCNet(nn.Module):
   output_level: int = 2
   div_flow: float = 20.0
   dtype: Any = jnp.float32
+  # 'none': the paper's and released code's cost volume, mean over channels of f1 * f2. 'cosine': a training
+  # option, not in the paper: each feature vector is divided by its RMS over channels first, so the cost volume is
+  # the cosine similarity in [-1, 1]. No parameter changes. At initialisation the raw product is dominated by the
+  # features' norms and picks the true match at only ~10 % of level-2 pixels of a translated texture, against
+  # 100 % for the cosine; the paper's network then sits on a zero-flow plateau for hundreds of steps, which
+  # hides any learning in a short CPU run (configs/pwcnet.py:local uses 'cosine'; see its docstring).
+  # Normalising features before the cost volume is also what UFlow (Jonschkowski et al., ECCV 2020) reports as
+  # important for learning.
+  cost_volume_norm: str = "none"
 
   def setup(self) -> None:
     self._check_config()
@@ -136,6 +147,9 @@ class PWCNet(nn.Module):
     if len(self.context_channels) != len(self.context_dilations):
       raise ValueError(f"pwcnet: fields 'context_channels' {tuple(self.context_channels)} and "
                        f"'context_dilations' {tuple(self.context_dilations)} must have the same length")
+    if self.cost_volume_norm not in COST_VOLUME_NORMS:
+      raise ValueError(f"pwcnet: field 'cost_volume_norm' must be one of {COST_VOLUME_NORMS}, "
+                       f"got {self.cost_volume_norm!r}")
     if self.div_flow <= 0:
       raise ValueError(f"pwcnet: field 'div_flow' must be positive, got {self.div_flow}")
 
@@ -157,8 +171,15 @@ class PWCNet(nn.Module):
 
   def cost_volume(self, f1: jax.Array, f2: jax.Array) -> jax.Array:
     """LeakyReLU(correlation) of (B, h, w, C) features over a (2r+1)**2 window: (B, h, w, (2r+1)**2) float32,
-    channel (dy + r) * (2r + 1) + (dx + r) for displacement (dx, dy); products and sums in float32."""
+    channel (dy + r) * (2r + 1) + (dx + r) for displacement (dx, dy); products and sums in float32.
+
+    With cost_volume_norm='cosine' each feature vector is first divided by sqrt(mean_c f**2 + 1e-6) (all-zero
+    vectors, e.g. warped from outside the image, stay zero), so the correlation is a cosine similarity.
+    """
     # jaxflow.ops.correlation multiplies and accumulates in float32 whatever the feature dtype.
+    if self.cost_volume_norm == "cosine":
+      f1, f2 = (f.astype(jnp.float32) * jax.lax.rsqrt(jnp.mean(jnp.square(f.astype(jnp.float32)), axis=-1,
+                                                              keepdims=True) + 1e-6) for f in (f1, f2))
     return leaky_relu(correlation(f1, f2, self.search_range, 1))
 
   def warp_features(self, features: jax.Array, up_flow: jax.Array, level: int) -> jax.Array:
