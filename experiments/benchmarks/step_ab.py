@@ -19,14 +19,17 @@ import jax
 import numpy as np
 
 
-def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype: str = "float32"):
+def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype: str = "float32",
+          model_overrides: dict | None = None, lower_only: bool = False):
+  """The jitted training step (state donated) on random inputs: (compiled, state, batch, compile seconds), or
+  (jitted step, state, batch) with lower_only."""
   from jaxflow import losses, optim
   from jaxflow import steps as steps_lib
   from jaxflow.models import get_model
   from jaxflow.ops import conv as conv_ops
-  from jaxflow.train_state import create_train_state, make_init_fn
+  from jaxflow.train_state import INIT_SIZE, create_train_state, make_init_fn
   conv_ops.set_default_impl(impl)
-  model = get_model(model_name, dtype=dtype)
+  model = get_model(model_name, dtype=dtype, **(model_overrides or {}))
   shape = (batch, height, width, 3)
   rng = np.random.default_rng(0)
   host = {"image1": rng.random(shape, dtype=np.float32), "image2": rng.random(shape, dtype=np.float32),
@@ -37,10 +40,13 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   loss_cfg.weights = losses.FLOWNET_WEIGHTS if n_levels == 5 else (1.0,) * n_levels
   tx = optim.make_optimizer(optim.default_config(), 1000)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state, _ = create_train_state(make_init_fn(model, tx, (1, height, width, 3)), 0, dev)
+  state, _ = create_train_state(make_init_fn(model, tx, (1, INIT_SIZE, INIT_SIZE, 3)), 0, dev)
   step = jax.jit(steps_lib.make_train_step(model, tx, functools.partial(losses.compute_loss, loss_cfg)),
                  donate_argnums=0)
   batch_arrays = jax.device_put(host, dev)
+  if lower_only:
+    conv_ops.set_default_impl("auto")
+    return step, state, batch_arrays
   t = time.perf_counter()
   compiled = step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - t

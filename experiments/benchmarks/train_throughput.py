@@ -30,7 +30,10 @@ Reported (printed, and in --json as a list of dicts, one per configuration):
   compile_s (lowering + XLA compile of the step), init_s (parameter + optimiser state init);
   first_step_s: wall time from launching a fresh Python process (before it imports jax) to the end of the
   first finished training step, with an empty persistent compilation cache (cold); first_step_warm_s: the same
-  in a second fresh process with the cache the first one wrote (warm); torch_first_step_s likewise for torch;
+  in a second fresh process with the cache the first one wrote (warm); with --skip-cold the measured worker
+  starts on an empty cache, so its start is reported as the cold one (first_step_s) and there is no warm figure;
+  startup_overhead_s / startup_overhead_warm_s: the first step's time minus the median step (import, init,
+  data transfer, compile or cache load); import_s, init_s, data_s, compile_s and their _warm twins split it; torch_first_step_s likewise for torch;
   peak_rss_mib (VmHWM of the warm, measured jaxflow worker), peak_rss_cold_mib (the cold worker, which also compiled),
   torch_peak_rss_mib; and the exact settings (devices, threads, XLA_FLAGS, versions, commit, load average).
 --roofline JSON projects the step time of each result on one accelerator from its FLOPs and bytes per step
@@ -407,12 +410,16 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
     torchw = None
     try:
       wm = jaxw.read()
-      result.update(first_step_warm_s=wm["first_step_s"], compile_warm_s=wm["compile_s"],
-                    flops_per_step=wm["flops_per_step"], bytes_accessed_per_step=wm["bytes_accessed_per_step"],
+      result.update(flops_per_step=wm["flops_per_step"], bytes_accessed_per_step=wm["bytes_accessed_per_step"],
                     backend=wm["backend"], jax_version=wm["jax_version"],
                     platform_configure=wm["platform_configure"])
-      print(f"  {'' if args.skip_cold else 'warm '}start: first step after {wm['first_step_s']:.1f} s (compile "
-            f"{wm['compile_s']:.1f})", flush=True)
+      # With --skip-cold this worker is the first to use the (empty) cache: its start is a cold one.
+      tag = "" if args.skip_cold else "_warm"
+      result.update({f"first_step{tag}_s": wm["first_step_s"], f"compile{tag}_s": wm["compile_s"],
+                     f"init{tag}_s": wm["init_s"], f"import{tag}_s": wm["import_s"], f"data{tag}_s": wm["data_s"]})
+      print(f"  {'cold (--skip-cold: empty cache)' if args.skip_cold else 'warm'} start: first step after "
+            f"{wm['first_step_s']:.1f} s (import {wm['import_s']:.1f}, init {wm['init_s']:.1f}, data "
+            f"{wm['data_s']:.1f}, compile {wm['compile_s']:.1f})", flush=True)
       jaxw.read()  # ready (warmed up)
       if not args.no_torch:
         torch_env = dict(os.environ)
@@ -458,6 +465,10 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
                 pairs_per_s=batch / step_s, achieved_gflops=result["flops_per_step"] / step_s / 1e9,
                 peak_gflops=peak / 1e9, jax_matmul_gflops=peaks["jax"] / 1e9,
                 fraction_of_peak=result["flops_per_step"] / step_s / peak, loadavg_end=os.getloadavg()[0])
+  # Start-up overhead: the first step's time from process start minus a steady step (import, init, data, compile).
+  for tag in ("", "_warm"):
+    if f"first_step{tag}_s" in result:
+      result[f"startup_overhead{tag}_s"] = result[f"first_step{tag}_s"] - step_s
   if torchw:
     t_step = statistics.median(times["torch"])
     result.update(torch_step_times=times["torch"], torch_step_s=t_step,
@@ -538,8 +549,12 @@ def _summary(r: dict[str, Any]) -> str:
           f"matmul's {r['peak_gflops_per_cpu_s']:.0f} GFLOP/CPU-s)")
   s += f"; {r['flops_per_step'] / 1e9:.0f} GFLOP & {r['bytes_accessed_per_step'] / 1e9:.1f} GB/step; first step "
   if "first_step_s" in r:
-    s += f"cold {r['first_step_s']:.1f} s (compile {r['compile_s']:.1f} s) / "
-  s += f"warm {r['first_step_warm_s']:.1f} s; peak RSS jaxflow {r['peak_rss_mib']:.0f} MiB"
+    s += (f"cold {r['first_step_s']:.1f} s (compile {r['compile_s']:.1f} s, overhead over a step "
+          f"{r.get('startup_overhead_s', float('nan')):.1f} s)")
+  if "first_step_warm_s" in r:
+    s += (f"{' / ' if 'first_step_s' in r else ''}warm {r['first_step_warm_s']:.1f} s (overhead "
+          f"{r.get('startup_overhead_warm_s', float('nan')):.1f} s)")
+  s += f"; peak RSS jaxflow {r['peak_rss_mib']:.0f} MiB"
   if "peak_rss_cold_mib" in r:
     s += f" (cold process {r['peak_rss_cold_mib']:.0f})"
   if "torch_peak_rss_mib" in r:
