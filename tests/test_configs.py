@@ -54,6 +54,17 @@ def test_paper_facts_in_chairs_configs():
   assert fine.loss.kind == "robust" and fine.optim.base_lr == 1e-5 and tuple(fine.optim.boundaries) == (200_000, 300_000, 400_000)
 
 
+def test_pwcnet_local_steps_option_and_cost_volume():
+  from configs import pwcnet
+  local = pwcnet.get_config("local")
+  assert local.total_steps == 300 and tuple(local.optim.boundaries) == (180, 240)
+  assert local.model.cost_volume_norm == "cosine" and pwcnet.get_config("chairs").model.cost_volume_norm == "none"
+  long = pwcnet.get_config("local,steps=1600")
+  assert long.total_steps == 1600 and tuple(long.optim.boundaries) == (960, 1280) and long.eval_every_steps == 200
+  with pytest.raises(ValueError, match="steps=5 applies to the 'local' variant only"):
+    pwcnet.get_config("chairs,steps=5")
+
+
 def test_spynet_stages():
   from configs import spynet
   c = spynet.get_config("chairs,stage=3")
@@ -117,12 +128,13 @@ def test_overridden_model_name_or_field_is_checked():
 def test_sweep_expands_checks_and_prints(tmp_path, capsys):
   path, arg, base, runs = sweep.expand("configs/ablations/pwcnet_ablation.py:local")
   names = [n for n, _ in runs]
-  assert names == ["full", "search_range2", "search_range6", "no_context", "no_dense"]
+  assert names == ["full", "search_range2", "search_range6", "no_context", "no_dense", "cost_volume_raw",
+                   "cost_volume_cosine"]
   assert dict(runs)["no_context"] == {"model.context": False}
   assert sweep.main(["--config", "configs/ablations/pwcnet_ablation.py:local", "--workdir", str(tmp_path),
                      "--print", "--config.total_steps=5"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == 5
+  assert len(lines) == 7
   assert f"--workdir={tmp_path}/search_range2" in lines[1] and "--config.model.search_range=2" in lines[1]
   assert all(line.endswith("--config.total_steps=5") for line in lines)
   with pytest.raises(ValueError, match="'model.search_rang'"):
