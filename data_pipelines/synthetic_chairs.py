@@ -14,15 +14,16 @@ Speed. Random parameters are drawn with a few stateless TF ops keyed by (seed, e
 XLA-compiled function. Each chair's coverage (nearest sprite texel has alpha > 127) is tested only in 8 x 8 pixel
 tiles inside its bounding box that meet its mapped opaque box (per 8-row band, the run of tiles spanning the
 quadrilateral there: about two thirds of the bounding box for a rotated chair): the tiles of all chairs are
-numbered consecutively and processed 256 at a time in a while loop (trip count = actual chair area, no
-fixed-size windows), merged into per-frame layer-value maps (a z-buffer) with a scatter-max. Then one full-frame pass per frame samples, for every pixel, the image of its layer
-(photo via its affine map, reflected at the photo border, or the chair's sprite), bilinearly, as one int64 per
-pixel (three 21-bit colour lanes: XLA computes coordinates and gathers once per pixel, not once per channel), and
-one pass computes flow and occlusion. A second small XLA function decodes the colours (and applies the
-photometric augmentation). With augmentation (`make_generator(config, augment, crop_size)`, used by the
-training pipeline), the augmentation's output->source maps are composed into every layer's map, so the augmented
-crop is rendered directly: no full-size intermediate, no second resampling, flow and occlusion still exact.
-Pixel centres are at integer coordinates (x = column, y = row).
+numbered consecutively and processed 256 at a time in a while loop (trip count = actual chair area, no fixed-size
+windows), merged into per-frame layer-value maps (a z-buffer) with a scatter-max. Then one full-frame pass per
+frame samples, for every pixel, the image of its layer (photo via its affine map, reflected at the photo border,
+or the chair's sprite), bilinearly, as one int64 per pixel (three 21-bit colour lanes: XLA computes coordinates
+and gathers once per pixel, not once per channel), and one pass computes flow and occlusion. A second small XLA
+function decodes the colours (and applies the photometric augmentation). With augmentation
+(`make_generator(config, augment, crop_size)`, used by the training pipeline), the augmentation's output->source
+maps are composed into every layer's map, so the augmented crop is rendered directly: no full-size intermediate,
+no second resampling, flow and occlusion still exact. Pixel centres are at integer coordinates (x = column, y =
+row).
 
 Layers are composited with hard (alpha > 1/2) edges, so images, flow and occlusion agree exactly at chair
 boundaries (the original dataset blends edges; a cosmetic difference).
