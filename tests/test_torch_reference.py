@@ -211,3 +211,30 @@ def test_train_step_reduces_the_loss_and_rejects_bad_sizes():
     model(torch.zeros(1, 3, 30, 32), torch.zeros(1, 3, 30, 32))
   with pytest.raises(ValueError, match="batch_norm"):
     tr.build("flownet_s", batch_norm=True)
+
+
+def test_cosine_cost_volume_pwcnet_equals_jaxflow(tmp_path):
+  # configs/pwcnet.py:local trains with cost_volume_norm='cosine': the torch reference must build and match it.
+  torch.manual_seed(3)
+  model = tr.build("pwcnet", cost_volume_norm="cosine")
+  randomise_biases(model, 4)
+  model.eval()
+  im1, im2 = smooth_pair(5, 64, 64)
+  with torch.no_grad():
+    ref = model(nchw(im1), nchw(im2))["flow"].numpy().transpose(0, 2, 3, 1)
+  fields, variables = convert_torch_model("pwcnet", model, str(tmp_path))
+  fields.pop("name")
+  fields["cost_volume_norm"] = "cosine"
+  jmodel = get_model("pwcnet", **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+  got = np.asarray(jax.jit(jmodel.apply)(variables, jnp.asarray(im1), jnp.asarray(im2))["flow"])
+  scale = max(1.0, float(np.abs(ref).max()))
+  assert float(np.abs(got - ref).max()) < TOL * scale
+  # The normalisation changes the network's output (the test would not notice a missing one otherwise).
+  with torch.no_grad():
+    plain = tr.build("pwcnet")
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    other = plain(nchw(im1), nchw(im2))["flow"].numpy().transpose(0, 2, 3, 1)
+  assert float(np.abs(other - ref).max()) > 10 * TOL * scale
+  with pytest.raises(ValueError, match="cost_volume_norm"):
+    tr.build("pwcnet", cost_volume_norm="l2")

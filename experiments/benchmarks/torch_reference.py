@@ -127,13 +127,22 @@ class PWCNet(nn.Module):
   4x4/2 deconvs upflow/upfeat above the output level (2), dilated context network, div_flow 20.
   """
 
+  def _normed(self, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """jaxflow's cost_volume_norm: 'cosine' divides each feature vector by sqrt(mean_c f^2 + 1e-6)."""
+    if self.cost_volume_norm != "cosine":
+      return f1, f2
+    return tuple(f * torch.rsqrt(f.square().mean(dim=1, keepdim=True) + 1e-6) for f in (f1, f2))
+
   def __init__(self, search_range: int = 4, pyramid_channels: Sequence[int] = (16, 32, 64, 96, 128, 196),
                convs_per_level: int = 2, estimator_channels: Sequence[int] = (128, 128, 96, 64, 32),
                context_channels: Sequence[int] = (128, 128, 128, 96, 64, 32),
                context_dilations: Sequence[int] = (1, 2, 4, 8, 16, 1), output_level: int = 2,
-               div_flow: float = 20.0):
+               div_flow: float = 20.0, cost_volume_norm: str = "none"):
     super().__init__()
+    if cost_volume_norm not in ("none", "cosine"):
+      raise ValueError(f"torch reference pwcnet: cost_volume_norm must be 'none' or 'cosine', got {cost_volume_norm!r}")
     self.search_range, self.div_flow, self.output_level = search_range, div_flow, output_level
+    self.cost_volume_norm = cost_volume_norm
     self.top = len(pyramid_channels)
     self.multiple = 2 ** self.top
     self.convs_per_level = convs_per_level
@@ -199,11 +208,11 @@ class PWCNet(nn.Module):
     for l in self.decoder_levels:
       f1, f2 = f1s[l - 1], f2s[l - 1]
       if up_flow is None:
-        x = F.leaky_relu(cost_volume(f1, f2, self.search_range), 0.1)
+        x = F.leaky_relu(cost_volume(*self._normed(f1, f2), self.search_range), 0.1)
       else:
         warped, weight = backward_warp(f2, up_flow * (self.div_flow / 2.0 ** l))
         warped = warped * (weight >= 0.9999).to(warped.dtype)
-        corr = F.leaky_relu(cost_volume(f1, warped, self.search_range), 0.1)
+        corr = F.leaky_relu(cost_volume(*self._normed(f1, warped), self.search_range), 0.1)
         x = torch.cat([corr, f1, up_flow, up_feat], dim=1)
       flow, x = self.estimator(x, l)
       if l > self.output_level:
