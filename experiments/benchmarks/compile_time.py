@@ -29,10 +29,8 @@ def _parse(opts: str) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model", default="pwcnet")
-  p.add_argument("--height", type=int, default=128)
-  p.add_argument("--width", type=int, default=128)
-  p.add_argument("--batch", type=int, default=4)
+  from experiments.benchmarks.step_ab import add_step_args
+  add_step_args(p, height=128, width=128)
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--options", nargs="+", default=[""])
   args = p.parse_args(argv)

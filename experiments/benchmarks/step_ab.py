@@ -54,12 +54,17 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   return compiled, state, batch_arrays, compile_s
 
 
+def add_step_args(p: argparse.ArgumentParser, height: int = 192, width: int = 256, batch: int = 4) -> None:
+  """The model / size / batch flags shared by the step benchmarks (step_ab, step_memory, compile_time)."""
+  p.add_argument("--model", default="pwcnet")
+  p.add_argument("--height", type=int, default=height)
+  p.add_argument("--width", type=int, default=width)
+  p.add_argument("--batch", type=int, default=batch)
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model", default="pwcnet")
-  p.add_argument("--height", type=int, default=192)
-  p.add_argument("--width", type=int, default=256)
-  p.add_argument("--batch", type=int, default=4)
+  add_step_args(p)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--variants", default="lax,matmul")

@@ -29,10 +29,8 @@ def vm_hwm_mib() -> float:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model", default="pwcnet")
-  p.add_argument("--height", type=int, default=192)
-  p.add_argument("--width", type=int, default=256)
-  p.add_argument("--batch", type=int, default=4)
+  from experiments.benchmarks.step_ab import add_step_args
+  add_step_args(p)
   p.add_argument("--run", action="store_true")
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--field", action="append", default=[], help="model field override name=value")
