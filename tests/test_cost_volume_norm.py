@@ -10,25 +10,18 @@ import pytest
 
 from jaxflow.models import get_model
 from jaxflow.models.pwcnet import PWCNet
+from test_correlation import numpy_correlation
 
 
 def _numpy_cost_volume(f1: np.ndarray, f2: np.ndarray, r: int, cosine: bool) -> np.ndarray:
-  """Independent reference: channel (dy + r) * (2r + 1) + (dx + r) = mean_c f1(y, x) f2(y + dy, x + dx), zero
-  outside the image, then LeakyReLU 0.1; with cosine, vectors divided by their RMS over channels first."""
+  """Independent reference: test_correlation's numpy loop (mean over channels, zero outside), LeakyReLU 0.1;
+  with cosine, vectors divided by their RMS over channels first."""
   f1 = f1.astype(np.float64)
   f2 = f2.astype(np.float64)
   if cosine:
     f1 = f1 / np.sqrt(np.mean(f1 ** 2, axis=-1, keepdims=True) + 1e-6)
     f2 = f2 / np.sqrt(np.mean(f2 ** 2, axis=-1, keepdims=True) + 1e-6)
-  b, h, w, c = f1.shape
-  out = np.zeros((b, h, w, (2 * r + 1) ** 2))
-  for dy in range(-r, r + 1):
-    for dx in range(-r, r + 1):
-      k = (dy + r) * (2 * r + 1) + (dx + r)
-      for y in range(h):
-        for x in range(w):
-          if 0 <= y + dy < h and 0 <= x + dx < w:
-            out[:, y, x, k] = np.mean(f1[:, y, x] * f2[:, y + dy, x + dx], axis=-1)
+  out = numpy_correlation(f1, f2, r, 1)
   return np.where(out > 0, out, 0.1 * out)
 
 
