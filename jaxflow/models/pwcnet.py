@@ -42,6 +42,12 @@ from jaxflow.ops import correlation, warp_with_mask
 COST_VOLUME_NORMS = ("none", "cosine")
 
 
+def _unit_rms(f: jax.Array) -> jax.Array:
+  """(..., C) -> float32 f / sqrt(mean_c f**2 + 1e-6): unit RMS over channels; all-zero vectors stay zero."""
+  f = f.astype(jnp.float32)
+  return f * jax.lax.rsqrt(jnp.mean(jnp.square(f), axis=-1, keepdims=True) + 1e-6)
+
+
 class FeaturePyramid(nn.Module):
   """Shared feature extractor: (B, H, W, 3) -> [level 1 (B, H/2, W/2, c1), ..., level L (B, H/2**L, ...)]."""
   channels: Sequence[int]
@@ -178,8 +184,7 @@ class PWCNet(nn.Module):
     """
     # jaxflow.ops.correlation multiplies and accumulates in float32 whatever the feature dtype.
     if self.cost_volume_norm == "cosine":
-      f1, f2 = (f.astype(jnp.float32) * jax.lax.rsqrt(jnp.mean(jnp.square(f.astype(jnp.float32)), axis=-1,
-                                                              keepdims=True) + 1e-6) for f in (f1, f2))
+      f1, f2 = _unit_rms(f1), _unit_rms(f2)
     return leaky_relu(correlation(f1, f2, self.search_range, 1))
 
   def warp_features(self, features: jax.Array, up_flow: jax.Array, level: int) -> jax.Array:
