@@ -27,7 +27,9 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  variant, opts = common.parse_arg(arg, options={"steps": 300})
+  variant, opts = common.parse_arg(arg, options={"steps": 0})  # 0: the variant's own step count
+  if opts["steps"] and variant != "local":
+    raise ValueError(f"config option steps={opts['steps']} applies to the 'local' variant only, not {variant!r}")
   c = common.base_config("pwcnet")
   common.apply_schedule(c, "s_long")
   c.loss.reduction = "sum"  # paper: sum over pixels per image (Eq. 1); the robust loss likewise
@@ -50,11 +52,10 @@ def get_config(arg: str | None = None):
   elif variant == "local":
     # ~65 GFLOP per step (XLA cost analysis of the train step, 128 x 128, batch 4): about a second per step on
     # an idle 2-core CPU, so 300 steps take minutes.
-    common.local_variant(c, steps=opts["steps"], batch=4, crop=(128, 128), lr=4e-4)
+    steps = opts["steps"] or 300
+    common.local_variant(c, steps=steps, batch=4, crop=(128, 128), lr=4e-4)
     c.model.cost_volume_norm = "cosine"
-    c.eval_every_steps = max(100, opts["steps"] // 800 * 100)
-  elif opts["steps"] != 300:
-    raise ValueError(f"config option steps={opts['steps']} applies to the 'local' variant only, not {variant!r}")
+    c.eval_every_steps = max(100, steps // 800 * 100)
   return common.finalize(c)
 
 

@@ -61,8 +61,9 @@ def test_pwcnet_local_steps_option_and_cost_volume():
   assert local.model.cost_volume_norm == "cosine" and pwcnet.get_config("chairs").model.cost_volume_norm == "none"
   long = pwcnet.get_config("local,steps=1600")
   assert long.total_steps == 1600 and tuple(long.optim.boundaries) == (960, 1280) and long.eval_every_steps == 200
-  with pytest.raises(ValueError, match="steps=5 applies to the 'local' variant only"):
-    pwcnet.get_config("chairs,steps=5")
+  for arg in ("chairs,steps=5", "kitti,steps=300"):  # never silently ignored, even at local's default
+    with pytest.raises(ValueError, match=r"steps=\d+ applies to the 'local' variant only"):
+      pwcnet.get_config(arg)
 
 
 def test_spynet_stages():
