@@ -1,4 +1,4 @@
-"""The training state pytree and its (sharded, trace-free) creation.
+"""The training state pytree and its sharded creation (parameters drawn on the host, no compiled forward pass).
 
 The state holds arrays only (no functions), so orbax can save and restore it as is and jit can donate it:
   step      int32 ()  optimisation steps taken so far (= the data step of the next batch)
@@ -11,11 +11,13 @@ The state holds arrays only (no functions), so orbax can save and restore it as 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -50,47 +52,104 @@ def init_variables(model: Any, rng: jax.Array, image_shape: tuple[int, int, int,
   return model.init({"params": rng}, images, images, train=False)
 
 
-def make_init_fn(model: Any, tx: optax.GradientTransformation, image_shape: tuple[int, int, int, int],
-                 tx_for_params: Callable[[Any], optax.GradientTransformation] | None = None
-                 ) -> Callable[[jax.Array], TrainState]:
-  """A function seed-key -> TrainState, to be run under jax.eval_shape and then jitted with out_shardings."""
+@dataclasses.dataclass(frozen=True)
+class InitFn:
+  """What `create_train_state` needs to build a TrainState: the model, the optimiser and the image shape of the
+  pair whose forward pass defines the parameter shapes. Calling it (key -> TrainState) is the traced
+  `model.init` path (method='traced'); `variables` optionally carries a precomputed
+  param_init.abstract_variables(model, image_shape) result so the forward pass is traced only once."""
+  model: Any
+  tx: optax.GradientTransformation
+  image_shape: tuple[int, int, int, int]
+  tx_for_params: Callable[[Any], optax.GradientTransformation] | None = None
+  variables: tuple[dict[str, Any], dict[str, Any]] | None = None
 
-  def init(key: jax.Array) -> TrainState:
+  def __call__(self, key: jax.Array) -> TrainState:
     param_key, run_key = jax.random.split(key)
-    variables = init_variables(model, param_key, image_shape)
+    variables = init_variables(self.model, param_key, self.image_shape)
     params = variables["params"]
-    opt = tx_for_params(params) if tx_for_params is not None else tx
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=opt.init(params),
+                      batch_stats=variables.get("batch_stats", {}), opt_state=self.optimizer(params).init(params),
                       rng=jax.random.key_data(run_key), bad_step=jnp.full((), -1, jnp.int32))
 
-  return init
+  def optimizer(self, params: Any) -> optax.GradientTransformation:
+    return self.tx_for_params(params) if self.tx_for_params is not None else self.tx
 
-# Side of the dummy image pair that initialises the parameters: their shapes do not depend on the image size, so
-# the one-off init program (a traced forward pass) runs on a small pair whatever the training crop.
+
+def make_init_fn(model: Any, tx: optax.GradientTransformation, image_shape: tuple[int, int, int, int],
+                 tx_for_params: Callable[[Any], optax.GradientTransformation] | None = None,
+                 variables: tuple[dict[str, Any], dict[str, Any]] | None = None) -> InitFn:
+  """The InitFn of `model` (parameter shapes from a (B, H, W, 3) pair of `image_shape`) and optimiser `tx`
+  (or tx_for_params(params)); `variables`: a precomputed param_init.abstract_variables(model, image_shape)."""
+  return InitFn(model, tx, tuple(image_shape), tx_for_params, variables)
+
+
+# Side of the dummy image pair whose (abstract) forward pass gives the parameter shapes: they do not depend on
+# the image size, so it is traced on a small pair whatever the training crop.
 INIT_SIZE = 64
 
 
 def create_train_state(init_fn: Callable[[jax.Array], TrainState], seed: int,
-                       sharding: jax.sharding.Sharding) -> tuple[TrainState, TrainState]:
-  """(state, abstract_state): the abstract state (ShapeDtypeStructs carrying `sharding`) comes from
-  jax.eval_shape, the concrete one from a jit of init_fn with out_shardings, so no forward pass is wasted."""
+                       sharding: jax.sharding.Sharding, method: str = "host") -> tuple[TrainState, TrainState]:
+  """(state, abstract_state) for a run's `seed`, every leaf placed with `sharding`.
+
+  method 'host' (default; needs an InitFn from make_init_fn): parameter shapes from jax.eval_shape of
+  model.init (traced, not compiled) and values drawn on the host with numpy by jaxflow.param_init, keyed by
+  (seed, parameter path), so every process builds identical values; each leaf follows its initialiser's
+  distribution exactly (He-normal kernels: std sqrt(2 / fan_in); zero biases; ...), but the values are not
+  those of model.init with jax's PRNG for the same seed. Only a small program (optimiser-state zeros, the run
+  key) is compiled. A model parameter whose initialiser param_init does not know raises a ValueError naming
+  it. method 'traced': the previous path, a jit of the traced model.init (jax's draws; compiles an init
+  program of the whole forward pass, ~55 s for PWC-Net on the loaded 2-core CPU).
+  The run key `rng` is the same under both methods: key_data(split(key(seed, 'rbg'))[1]).
+  The abstract state holds ShapeDtypeStructs carrying `sharding` (for orbax restore and jit shardings).
+  """
   key = make_key(seed)
-  shapes = jax.eval_shape(init_fn, key)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-  out_shardings = jax.tree.map(lambda _: sharding, shapes)
-  lowered = jax.jit(init_fn, out_shardings=out_shardings).lower(key)
-  state = lowered.compile(compiler_options=init_compiler_options(sharding))(key)
+  if method == "traced" or not isinstance(init_fn, InitFn):
+    if method not in ("host", "traced"):
+      raise ValueError(f"create_train_state: method must be 'host' or 'traced', got {method!r}")
+    shapes = jax.eval_shape(init_fn, key)
+    out_shardings = jax.tree.map(lambda _: sharding, shapes)
+    lowered = jax.jit(init_fn, out_shardings=out_shardings).lower(key)
+    state = lowered.compile(compiler_options=init_compiler_options(sharding))(key)
+  elif method == "host":
+    state = _host_train_state(init_fn, key, seed, sharding)
+  else:
+    raise ValueError(f"create_train_state: method must be 'host' or 'traced', got {method!r}")
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
   return state, abstract
 
 
-def init_compiler_options(sharding: jax.sharding.Sharding) -> dict[str, Any] | None:
-  """XLA options for compiling the one-off init program: on CPU, LLVM optimisation level 0.
+def _host_train_state(init_fn: InitFn, key: jax.Array, seed: int, sharding: jax.sharding.Sharding) -> TrainState:
+  from jaxflow import param_init
+  abstract, rules = init_fn.variables or param_init.abstract_variables(init_fn.model, init_fn.image_shape)
+  host = param_init.host_variables(abstract, rules, seed)
 
-  The init program runs once, but its per-parameter key derivations and truncated-normal draws make it large
-  (PWC-Net: ~34k HLO lines, ~600 fusions): measured on the loaded 2-core machine at 64x64, level 0 cuts its
-  XLA:CPU compile from 24 to 15 CPU-s. The draws are the same up to last-bit rounding (LLVM instruction
-  selection differs; measured max difference 1 ulp); accelerators keep their defaults.
+  def put(x: np.ndarray) -> jax.Array:
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  params = jax.tree.map(put, host["params"])
+  batch_stats = jax.tree.map(put, host.get("batch_stats", {}))
+  opt = init_fn.optimizer(params)
+
+  def rest(key, params):
+    return (jnp.zeros((), jnp.int32), opt.init(params), jax.random.key_data(jax.random.split(key)[1]),
+            jnp.full((), -1, jnp.int32))
+
+  shapes = jax.eval_shape(rest, key, params)
+  lowered = jax.jit(rest, out_shardings=jax.tree.map(lambda _: sharding, shapes)).lower(key, params)
+  step, opt_state, rng, bad_step = lowered.compile(compiler_options=init_compiler_options(sharding))(key, params)
+  return TrainState(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state, rng=rng,
+                    bad_step=bad_step)
+
+
+def init_compiler_options(sharding: jax.sharding.Sharding) -> dict[str, Any] | None:
+  """XLA options for compiling the one-off init programs: on CPU, LLVM optimisation level 0.
+
+  The traced init program runs once, but its per-parameter key derivations and draws make it large (PWC-Net:
+  ~34k HLO lines, ~600 fusions): measured on the loaded 2-core machine at 64x64, level 0 cut its XLA:CPU compile
+  from 24 to 15 CPU-s (draws equal up to 1 ulp). The host path's program (zeros and the run key) is small
+  either way. Accelerators keep their defaults.
   """
   platforms = {d.platform for d in sharding.device_set}
   return {"xla_backend_optimization_level": 0} if platforms == {"cpu"} else None

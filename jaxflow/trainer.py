@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxflow import checkpointing, optim, parallel, steps
-from jaxflow.train_state import INIT_SIZE, TrainState, create_train_state, make_init_fn, make_key, param_count
+from jaxflow import checkpointing, optim, parallel, param_init, steps
+from jaxflow.train_state import INIT_SIZE, TrainState, create_train_state, make_init_fn, param_count
 
 TrainIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
 EvalIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
@@ -238,21 +238,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = int(config.total_steps)
 
   model = model if model is not None else build_model(config)
-  image_shape = (1, INIT_SIZE, INIT_SIZE, 3)  # same parameters at any crop; a fraction of the init compile
+  image_shape = (1, INIT_SIZE, INIT_SIZE, 3)  # same parameter shapes at any crop; a small abstract trace
+  # Parameter shapes and initialisers from one abstract (traced, never compiled) model.init; values are drawn on
+  # the host by create_train_state (jaxflow.param_init).
+  variables = param_init.abstract_variables(model, image_shape)
   trainable = None
   if tuple(config.trainable_levels):
     if config.model.name != "spynet":
       raise ValueError(f"config.trainable_levels={tuple(config.trainable_levels)} is only for spynet, "
                        f"not {config.model.name!r}")
     from jaxflow.models import spynet
-    abstract_params = jax.eval_shape(
-        lambda k: model.init({"params": k}, jnp.zeros(image_shape), jnp.zeros(image_shape), train=False),
-        make_key(0))["params"]
-    trainable = spynet.trainable_mask(abstract_params, tuple(config.trainable_levels))
+    trainable = spynet.trainable_mask(variables[0]["params"], tuple(config.trainable_levels))
   tx = optim.make_optimizer(config.optim, total_steps, trainable)
   schedule = optim.make_schedule(config.optim, total_steps)
 
-  state, abstract = create_train_state(make_init_fn(model, tx, image_shape), config.seed, rep)
+  state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables), config.seed,
+                                       rep)
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   start = ckpt.latest_step()
