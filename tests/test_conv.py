@@ -41,9 +41,9 @@ CASES = [(8, 10, 3, 5, 3, 1, 1, 1), (8, 10, 3, 5, 3, 2, 1, 1), (9, 11, 4, 6, 3, 
          (7, 9, 2, 3, 1, 1, 0, 1), (10, 12, 3, 2, 5, 3, 3, 2), (12, 12, 6, 2, 3, 1, 2, 2)]
 
 
-# The concat mode is for stride 1 only (mode selection never picks it otherwise).
-MODE_CASES = [(case, mode) for case in CASES for mode in ("scan", "unrolled", "concat")
-              if mode != "concat" or case[5] == 1]
+# The concat and blocked modes are for stride 1 only (mode selection never picks them otherwise).
+MODE_CASES = [(case, mode) for case in CASES for mode in ("scan", "unrolled", "concat", "blocked")
+              if mode not in ("concat", "blocked") or case[5] == 1]
 
 
 @pytest.mark.parametrize("case,mode", MODE_CASES)
@@ -63,7 +63,7 @@ def test_weight_grad_matches_numpy(case, mode):
 @pytest.mark.parametrize("case", CASES + [(8, 8, 40, 40, 3, 1, 1, 1), (8, 8, 40, 40, 3, 2, 1, 1)])
 def test_conv2d_values_and_grads_match_lax(case, monkeypatch):
   """Forward identical to lax; (x, w) gradients of a nonlinear loss equal lax autodiff's (every wgrad mode is
-  reached: small channel products -> lax, 40x40 -> scan, C_out <= 8 at stride 1 -> concat; the size threshold
+  reached: small channel products -> lax, 40x40 -> blocked at stride 1 and scan at stride 2, C_out <= 8 at stride 1 -> concat; the size threshold
   is lowered so that these small inputs take the matmul paths)."""
   monkeypatch.setattr(conv_ops, "_MIN_TAP_MACS", 0)
   h, w, cin, cout, k, s, pad, d = case
@@ -84,9 +84,36 @@ def test_weight_grad_mode_selection():
   assert conv_ops.weight_grad_mode(565, 2, (1, 1)) == "concat"
   assert conv_ops.weight_grad_mode(565, 2, (2, 2)) == "scan"
   assert conv_ops.weight_grad_mode(16, 32, (2, 2)) == "lax"
-  assert conv_ops.weight_grad_mode(117, 128, (1, 1)) == "scan"
-  assert conv_ops.weight_grad_mode(117, 128, (1, 1), 4 * 48 * 64) == "scan"
+  assert conv_ops.weight_grad_mode(117, 128, (1, 1)) == "blocked"
+  assert conv_ops.weight_grad_mode(117, 128, (1, 1), 4 * 48 * 64) == "blocked"
+  assert conv_ops.weight_grad_mode(117, 128, (2, 2), 4 * 48 * 64) == "scan"
   assert conv_ops.weight_grad_mode(32, 32, (1, 1), 4 * 48 * 64) == "lax"  # small problem: XLA's is faster
+
+
+def test_block_rows_divide_the_height_and_bound_the_block():
+  assert conv_ops._block_rows(48, 64) == 8  # 512 positions
+  assert conv_ops._block_rows(96, 128) == 4
+  assert conv_ops._block_rows(12, 16) == 12  # the whole image: 192 positions
+  assert conv_ops._block_rows(13, 64) == 1  # a prime height: one row per block
+  assert conv_ops._block_rows(7, 1000) == 1  # a row wider than a block is still one block
+
+
+@pytest.mark.parametrize("padding,d", [(((1, 1), (1, 1)), 1), (((2, 0), (0, 1)), 1), (((3, 2), (4, 1)), 2)])
+def test_blocked_weight_grad_over_many_blocks_matches_lax(padding, d, monkeypatch):
+  """Several blocks per image (block size lowered to 2-3 rows) and asymmetric padding: the blocked weight
+  gradient equals lax autodiff's."""
+  monkeypatch.setattr(conv_ops, "_BLOCK_POSITIONS", 30)
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(3, 9, 11, 5)), jnp.float32)  # rows per block: 1 (9 = 3 * 3, 3 * 11 > 30)
+  x2 = jnp.asarray(rng.normal(size=(2, 8, 10, 5)), jnp.float32)  # rows per block: 2
+  for xx in (x, x2):
+    assert xx.shape[1] // conv_ops._block_rows(xx.shape[1], xx.shape[2]) > 1
+    wt = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
+    f = lambda w_: lax.conv_general_dilated(xx, w_, (1, 1), padding, rhs_dilation=(d, d), dimension_numbers=DN)
+    y, vjp = jax.vjp(f, wt)
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    got = conv_ops.weight_grad_matmul(xx, g, wt.shape, (1, 1), padding, (d, d), "blocked")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(vjp(g)[0]), rtol=2e-5, atol=2e-4)
 
 
 def test_bfloat16_gradient_dtype_and_value():

@@ -4,7 +4,8 @@ in one process (robust to the load of a shared machine): wall and process-CPU se
   python -m experiments.benchmarks.step_ab --model pwcnet --height 192 --width 256 --batch 4 --repeats 5
 
 Prints per variant: compile seconds, median step wall / CPU seconds, pairs/s, and the ratio B / A
-(A = 'lax': XLA's convolution gradients; B = 'matmul': jaxflow.ops.conv's matmul weight gradient).
+(A = 'lax': XLA's convolution gradients; B = 'matmul': jaxflow.ops.conv's matmul weight gradient; also
+'matmul-scan': the matmul weight gradient with the per-tap scan at stride 1 instead of the blocked product).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   from jaxflow.models import get_model
   from jaxflow.ops import conv as conv_ops
   from jaxflow.train_state import INIT_SIZE, create_train_state, make_init_fn
+  # 'matmul-scan': the matmul weight gradient with the per-tap scan for stride 1 (the default before 'blocked').
+  conv_ops._STRIDE1_MODE = "scan" if impl == "matmul-scan" else "blocked"
+  impl = "matmul" if impl == "matmul-scan" else impl
   conv_ops.set_default_impl(impl)
   model = get_model(model_name, dtype=dtype, **(model_overrides or {}))
   shape = (batch, height, width, 3)
@@ -51,6 +55,7 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   compiled = step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - t
   conv_ops.set_default_impl("auto")
+  conv_ops._STRIDE1_MODE = "blocked"
   return compiled, state, batch_arrays, compile_s
 
 

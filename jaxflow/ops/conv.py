@@ -91,8 +91,9 @@ def weight_grad_matmul(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], 
     kernel_shape: (kh, kw, C_in, C_out) (HWIO). strides, dilation: (sy, sx), (dy, dx). padding: ((lo, hi),
       (lo, hi)) explicit, non-negative.
     mode: 'scan' (a lax.scan over the taps: one small loop body per convolution, which keeps compile time
-      close to that of XLA's own gradient), 'unrolled' (one product per tap in the graph), or 'concat' (stride
-      1 only: the taps' shifted gradients side by side, one product; for few output channels).
+      close to that of XLA's own gradient), 'unrolled' (one product per tap in the graph), 'concat' (stride
+      1 only: the taps' shifted gradients side by side, one product; for few output channels) or 'blocked'
+      (stride 1 only: 'concat' over cache-sized blocks of image rows, accumulated by a scan).
   Returns:
     (kh, kw, C_in, C_out) float32 (float64 for float64 inputs).
   """
@@ -123,11 +124,11 @@ def weight_grad_matmul(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], 
     gp = lax.dynamic_update_slice(jnp.zeros((n, gy, gx, cout), g.dtype), g, (0, oy, ox, 0))
     return jnp.matmul(ph, gp.reshape(big_l, cout), preferred_element_type=acc)
 
-  if (sy, sx) == (1, 1) and mode in ("scan", "concat"):
+  if (sy, sx) == (1, 1) and mode in ("scan", "concat", "blocked"):
     return _weight_grad_stride1(x, g, kernel_shape, padding, dilation, mode, acc)
-  if mode == "concat":
+  if mode in ("concat", "blocked"):
     if sy * sx != 1:
-      raise ValueError("conv: mode 'concat' needs stride 1")
+      raise ValueError(f"conv: mode {mode!r} needs stride 1")
     # All taps' shifted output gradients side by side (L, K * C_out), one product with the untransposed input:
     # for few output channels this reads the input once instead of once per tap.
     gs = jnp.concatenate([lax.dynamic_update_slice(jnp.zeros((n, gy, gx, cout), g.dtype), g, (0, oy, ox, 0))
@@ -170,6 +171,8 @@ def _weight_grad_stride1(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int]
     return lax.dynamic_slice(gp, (0, oy, ox, 0), (n, h, w, cout)).reshape(n * h * w, cout)
 
   contract = (((0,), (0,)), ((), ()))
+  if mode == "blocked":
+    return _weight_grad_blocked(x, gp, offsets, (kh, kw), cout, acc)
   if mode == "concat":
     gs = jnp.concatenate([shifted(oy, ox) for oy, ox in offsets], axis=-1)  # (L, K * C_out)
     dw = lax.dot_general(xl, gs, contract, preferred_element_type=acc)
@@ -178,6 +181,43 @@ def _weight_grad_stride1(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int]
   _, dw = lax.scan(lambda _, t: (None, lax.dot_general(xl, shifted(t[0], t[1]), contract,
                                                        preferred_element_type=acc)), None, ts)
   return dw.reshape(kh, kw, cin, cout)
+
+
+# Positions (rows x width) of one block of the blocked stride-1 weight gradient: x's block (positions x C_in) and
+# the taps' shifted output gradients (positions x K * C_out) stay in the core's cache while their product runs
+# (conv_grad.py: 256-1024 positions measured alike at PWC-Net's 48x64 level, 2 rows of 64 slower).
+_BLOCK_POSITIONS = 512
+
+
+def _block_rows(h: int, w: int) -> int:
+  """Rows per block: the largest divisor of h whose block holds at most _BLOCK_POSITIONS positions (>= 1 row)."""
+  return max(r for r in range(1, h + 1) if h % r == 0 and (r == 1 or r * w <= _BLOCK_POSITIONS))
+
+
+def _weight_grad_blocked(x: jax.Array, gp: jax.Array, offsets: Sequence[tuple[int, int]], kernel_hw: tuple[int, int],
+                         cout: int, acc) -> jax.Array:
+  """Stride-1 weight gradient over blocks of R image rows: per block, the K = kh * kw taps' shifted output
+  gradients side by side (R*W, K*C_out) and one product x_block^T @ that, accumulated into (C_in, K*C_out).
+
+  x (N, H, W, C_in) is read once, block by block, instead of once per tap, and the long contraction over
+  N*H*W positions is split into cache-sized pieces; nothing larger than a block is materialised (the 'concat'
+  mode builds the whole (N*H*W, K*C_out) array). gp is the output gradient zero-padded as in
+  `_weight_grad_stride1`, offsets the (row, column) start of each tap's window in it.
+  """
+  n, h, w, cin = x.shape
+  rows = _block_rows(h, w)
+  per_image = h // rows
+  xb = x.reshape(n * per_image, rows * w, cin)  # a bitcast: blocks are contiguous runs of positions
+
+  def body(total, k):
+    b, r = k // per_image, (k % per_image) * rows
+    xk = lax.dynamic_index_in_dim(xb, k, keepdims=False)
+    gs = jnp.concatenate([lax.dynamic_slice(gp, (b, r + oy, ox, 0), (1, rows, w, cout)).reshape(rows * w, cout)
+                          for oy, ox in offsets], axis=-1)
+    return total + lax.dot_general(xk, gs, (((0,), (0,)), ((), ())), preferred_element_type=acc), None
+
+  total, _ = lax.scan(body, jnp.zeros((cin, len(offsets) * cout), acc), jnp.arange(n * per_image))
+  return jnp.transpose(total.reshape(cin, kernel_hw[0], kernel_hw[1], cout), (1, 2, 0, 3))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -193,19 +233,23 @@ def _conv_fwd(x, w, strides, padding, dilation):
 # faster (conv_grad.py: 32 -> 32 at 48x64 batch 4 and 64 -> 96 stride 2 at 24x32: 0.6x; 531 -> 128 at 12x16:
 # 1.0x; 32 -> 32 at 96x128 batch 8: 1.5x; 117 -> 128 at 48x64 batch 4: 3.0x).
 _MIN_TAP_MACS = 5e7
+# The mode of large stride-1 weight gradients (benchmarks set 'scan' to compare with the previous default).
+_STRIDE1_MODE = "blocked"
 
 
 def weight_grad_mode(cin: int, cout: int, strides: Sequence[int], positions: int | None = None) -> str:
   """How `conv2d` computes a weight gradient on CPU, from measurements at PWC-Net shapes (conv_grad.py):
   'concat' for few output channels at stride 1 (predict_flow 565 -> 2: ~7x faster than XLA's), 'lax' for
   small channel products (16 -> 32) or small problems (`positions` = N * Ho * Wo output positions, when
-  given: fewer than _MIN_TAP_MACS multiply-adds per tap), 'scan' otherwise (estimator, fine pyramid and
-  context convolutions: 1.5-3x faster than XLA's)."""
-  if cout <= 8 and tuple(strides) == (1, 1):
+  given: fewer than _MIN_TAP_MACS multiply-adds per tap), otherwise 'blocked' at stride 1 (estimator and
+  context convolutions: 1.2-2.2x faster than the per-tap 'scan', e.g. 469 -> 64 at 48x64 b4 94 vs 162 CPU-ms)
+  and 'scan' at larger strides (the pyramid's first convolution of each level)."""
+  stride1 = tuple(strides) == (1, 1)
+  if cout <= 8 and stride1:
     return "concat"
   if cin * cout < 1024 or (positions is not None and cin * cout * positions < _MIN_TAP_MACS):
     return "lax"
-  return "scan"
+  return _STRIDE1_MODE if stride1 else "scan"
 
 
 def _conv_bwd(strides, padding, dilation, res, g):
