@@ -12,7 +12,7 @@ The state holds arrays only (no functions), so orbax can save and restore it as 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -90,7 +90,9 @@ INIT_SIZE = 64
 
 
 def create_train_state(init_fn: Callable[[jax.Array], TrainState], seed: int,
-                       sharding: jax.sharding.Sharding, method: str = "host") -> tuple[TrainState, TrainState]:
+                       sharding: jax.sharding.Sharding, method: str = "host", *,
+                       exec_cache_dir: str | None = None, cache_key_parts: Mapping[str, Any] | None = None
+                       ) -> tuple[TrainState, TrainState]:
   """(state, abstract_state) for a run's `seed`, every leaf placed with `sharding`.
 
   method 'host' (default; needs an InitFn from make_init_fn): parameter shapes from jax.eval_shape of
@@ -103,6 +105,8 @@ def create_train_state(init_fn: Callable[[jax.Array], TrainState], seed: int,
   program of the whole forward pass, ~55 s for PWC-Net on the loaded 2-core CPU).
   The run key `rng` is the same under both methods: key_data(split(key(seed, 'rbg'))[1]).
   The abstract state holds ShapeDtypeStructs carrying `sharding` (for orbax restore and jit shardings).
+  With `exec_cache_dir` and `cache_key_parts` (what identifies the optimiser, e.g. the run's config), the
+  host path's small program goes through jaxflow.exec_cache (a warm start loads it instead of compiling).
   """
   key = make_key(seed)
   if method == "traced" or not isinstance(init_fn, InitFn):
@@ -113,14 +117,15 @@ def create_train_state(init_fn: Callable[[jax.Array], TrainState], seed: int,
     lowered = jax.jit(init_fn, out_shardings=out_shardings).lower(key)
     state = lowered.compile(compiler_options=init_compiler_options(sharding))(key)
   elif method == "host":
-    state = _host_train_state(init_fn, key, seed, sharding)
+    state = _host_train_state(init_fn, key, seed, sharding, exec_cache_dir, cache_key_parts)
   else:
     raise ValueError(f"create_train_state: method must be 'host' or 'traced', got {method!r}")
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
   return state, abstract
 
 
-def _host_train_state(init_fn: InitFn, key: jax.Array, seed: int, sharding: jax.sharding.Sharding) -> TrainState:
+def _host_train_state(init_fn: InitFn, key: jax.Array, seed: int, sharding: jax.sharding.Sharding,
+                      exec_cache_dir: str | None, cache_key_parts: Mapping[str, Any] | None) -> TrainState:
   from jaxflow import param_init
   abstract, rules = init_fn.variables or param_init.abstract_variables(init_fn.model, init_fn.image_shape)
   host = param_init.host_variables(abstract, rules, seed)
@@ -137,8 +142,14 @@ def _host_train_state(init_fn: InitFn, key: jax.Array, seed: int, sharding: jax.
             jnp.full((), -1, jnp.int32))
 
   shapes = jax.eval_shape(rest, key, params)
-  lowered = jax.jit(rest, out_shardings=jax.tree.map(lambda _: sharding, shapes)).lower(key, params)
-  step, opt_state, rng, bad_step = lowered.compile(compiler_options=init_compiler_options(sharding))(key, params)
+  jitted = jax.jit(rest, out_shardings=jax.tree.map(lambda _: sharding, shapes))
+  options = init_compiler_options(sharding)
+  if exec_cache_dir and cache_key_parts is not None:
+    from jaxflow import exec_cache
+    fn = exec_cache.CachedFunction(jitted, "init_state", cache_key_parts, exec_cache_dir, options)
+    step, opt_state, rng, bad_step = fn(key, params)
+  else:
+    step, opt_state, rng, bad_step = jitted.lower(key, params).compile(compiler_options=options)(key, params)
   return TrainState(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state, rng=rng,
                     bad_step=bad_step)
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxflow import checkpointing, optim, parallel, param_init, steps
+from jaxflow import checkpointing, exec_cache, optim, parallel, param_init, steps
 from jaxflow.train_state import INIT_SIZE, TrainState, create_train_state, make_init_fn, param_count
 
 TrainIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
@@ -228,6 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = os.path.abspath(workdir)
   train_iter_fn = train_iter_fn or default_train_iter
   eval_iter_fn = eval_iter_fn or default_eval_iter
+  injected_model, injected_loss = model, loss_fn
   loss_fn = loss_fn or default_loss_fn(config)
   pid, nproc = jax.process_index(), jax.process_count()
 
@@ -241,7 +242,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   image_shape = (1, INIT_SIZE, INIT_SIZE, 3)  # same parameter shapes at any crop; a small abstract trace
   # Parameter shapes and initialisers from one abstract (traced, never compiled) model.init; values are drawn on
   # the host by create_train_state (jaxflow.param_init).
-  variables = param_init.abstract_variables(model, image_shape)
+  cache_dir = exec_cache.default_dir() if injected_model is None and injected_loss is None else None
+  # What the train step and the init program depend on besides their arguments and jaxflow's sources: the
+  # model (repr: every field), the loss, the optimiser and its schedule length, the frozen SpyNet levels.
+  cache_parts = {"model": repr(model), "loss": config.loss.to_json(sort_keys=True),
+                 "optim": config.optim.to_json(sort_keys=True), "total_steps": total_steps,
+                 "trainable_levels": tuple(config.trainable_levels)}
+  variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
   trainable = None
   if tuple(config.trainable_levels):
     if config.model.name != "spynet":
@@ -253,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   schedule = optim.make_schedule(config.optim, total_steps)
 
   state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables), config.seed,
-                                       rep)
+                                       rep, exec_cache_dir=cache_dir, cache_key_parts=cache_parts)
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   start = ckpt.latest_step()
@@ -269,6 +276,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   train_step = jax.jit(steps.make_train_step(model, tx, loss_fn), in_shardings=(state_sharding, dshard),
                        out_shardings=(state_sharding, rep), donate_argnums=0)
+  if cache_dir:
+    # Warm starts load the compiled step from disk (no tracing): keyed by cache_parts, the argument signature
+    # and the jaxflow sources (jaxflow.exec_cache); off without a compilation cache dir and for injected models
+    # / losses (their code is not hashed).
+    train_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir)
   eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(state_sharding, dshard),
                       out_shardings=(rep, dshard))
 

@@ -144,6 +144,7 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   from jaxflow import losses, optim, parallel
   from jaxflow import steps as steps_lib
   from jaxflow.models import get_model
+  from jaxflow import exec_cache, param_init
   from jaxflow.train_state import INIT_SIZE, create_train_state, make_init_fn
   try:  # the process set-up the trainer uses (XLA flags, conv implementation), with this run's cache dir
     from jaxflow import platform as jaxflow_platform
@@ -166,7 +167,17 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   tx = optim.make_optimizer(optim_cfg, 1_000_000)
   loss_cfg = ml_collections.ConfigDict(spec["loss"])
   rep = parallel.replicated(mesh)
-  state, abstract = create_train_state(make_init_fn(model, tx, (1, INIT_SIZE, INIT_SIZE, 3)), 0, rep)
+  # The trainer's start-up path: parameter shapes from an abstract trace (or its JSON copy), values drawn on
+  # the host, the small init program and the train step through jaxflow.exec_cache (unless --no-exec-cache).
+  cache_dir = exec_cache.default_dir() if spec.get("exec_cache", True) else None
+  parts = {"model": repr(model), "loss": json.dumps(spec["loss"], sort_keys=True),
+           "optim": json.dumps(spec["optim"], sort_keys=True)}
+  image_shape = (1, INIT_SIZE, INIT_SIZE, 3)
+  variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
+  t_abstract = time.time()
+  state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables), 0, rep,
+                                       method=spec.get("init_method", "host"), exec_cache_dir=cache_dir,
+                                       cache_key_parts=parts)
   jax.block_until_ready(state)
   t_init = time.time()
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
@@ -176,14 +187,23 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   batch = parallel.to_global(_host_batch(b, h, w), mesh)
   jax.block_until_ready(batch)
   t_data = time.time()
-  lowered = step_fn.lower(state, batch)
   if spec.get("lower_only"):  # diagnostics: is the lowered step identical across processes?
     import hashlib
+    lowered = step_fn.lower(state, batch)
     _reply({"stablehlo_sha256": hashlib.sha256(lowered.as_text().encode()).hexdigest(),
             "stablehlo_debug_sha256": hashlib.sha256(lowered.as_text(debug_info=True).encode()).hexdigest()})
     return
-  compiled = lowered.compile()
+  cached = exec_cache.CachedFunction(step_fn, "train_step", parts, cache_dir, log=lambda m: print(m, file=sys.stderr))
+  t_trace = time.time()
+  if cache_dir is None:  # split tracing from lowering (the exec cache's miss path lowers in one call)
+    step_fn.trace(state, batch)
+  t_trace = time.time() - t_trace
+  c_compile = time.process_time()
+  compiled = cached.compile(state, batch)
+  c_compile = time.process_time() - c_compile
   t_compile = time.time()
+  startup = {"abstract_s": t_abstract - t_import, "exec_cache_hit": cached.hit, "trace_s": t_trace,
+             "compile_cpu_s": c_compile, **{f"{k}_s": v for k, v in cached.timings.items()}}
   if spec.get("compile_only"):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -192,10 +212,16 @@ def _jax_worker(spec: dict[str, Any]) -> None:
             "bytes_accessed_per_step": float(cost["bytes accessed"]) * n, "devices": n,
             "peak_rss_mib": _peak_rss_mib(), "jax_version": jax.__version__})
     return
+  c_first = time.process_time()
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   t_first = time.time()
-  cost = compiled.cost_analysis()
+  startup["first_step_exec_s"], startup["first_step_exec_cpu_s"] = t_first - t_compile, time.process_time() - c_first
+  startup["process_cpu_s"] = time.process_time()
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - a deserialized executable may not carry its cost analysis
+    cost = None
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   devices = mesh.devices.size
   # The cost analysis of an SPMD-partitioned module counts one device's share: scale to the whole mesh.
@@ -206,7 +232,8 @@ def _jax_worker(spec: dict[str, Any]) -> None:
           "compile_s": t_compile - t_data, "first_step_s": t_first - t0, "flops_per_step": flops,
           "bytes_accessed_per_step": bytes_accessed, "devices": devices, "backend": jax.default_backend(),
           "loss": float(metrics["loss"]), "peak_rss_mib": _peak_rss_mib(), "jax_version": jax.__version__,
-          "platform_configure": {k: v for k, v in applied.items() if k != "cache_dir"}})
+          "platform_configure": {k: v for k, v in applied.items() if k != "cache_dir"}, "startup": startup,
+          "tensorflow_imported": "tensorflow" in sys.modules})
   if spec.get("first_step_only"):
     return
   holder = {"state": state}
@@ -347,6 +374,14 @@ def _jax_env(devices: int, cache_dir: str) -> dict[str, str]:
   return env
 
 
+def _split(st: dict[str, Any]) -> str:
+  """One line of a worker's start-up split (seconds; see the module docstring)."""
+  keys = ("abstract_s", "trace_s", "key_s", "load_s", "lower_s", "compile_s", "store_s", "compile_cpu_s",
+          "first_step_exec_s", "first_step_exec_cpu_s", "process_cpu_s")
+  return (f"exec cache {'hit' if st.get('exec_cache_hit') else 'miss/off'}; "
+          + ", ".join(f"{k[:-2]} {st[k]:.2f}" for k in keys if k in st))
+
+
 def _git_commit() -> str:
   try:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -374,7 +409,8 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
   """One configuration: cold + warm jaxflow workers, a torch worker, A/B rounds; returns the result dict."""
   model, loss, optim_cfg = _model_settings(name)
   spec = {"model": model, "loss": loss, "optim": optim_cfg, "height": height, "width": width, "batch": batch,
-          "dtype": args.dtype, "warmup": args.warmup, "torch_threads": args.torch_threads}
+          "dtype": args.dtype, "warmup": args.warmup, "torch_threads": args.torch_threads,
+          "exec_cache": not args.no_exec_cache, "init_method": args.init_method}
   result: dict[str, Any] = {
       "model": name, "dtype": args.dtype, "height": height, "width": width, "batch": batch,
       "jax_devices": args.jax_devices, "torch_threads": args.torch_threads,
@@ -401,10 +437,12 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
         cold.close()
         cold.proc.wait()
       result.update(first_step_s=c["first_step_s"], compile_s=c["compile_s"], init_s=c["init_s"],
-                    import_s=c["import_s"], peak_rss_cold_mib=c["peak_rss_mib"])
+                    import_s=c["import_s"], peak_rss_cold_mib=c["peak_rss_mib"], startup=c["startup"],
+                    cold_flops_per_step=c["flops_per_step"], cold_bytes_accessed_per_step=c["bytes_accessed_per_step"])
       print(f"  cold start: first step after {c['first_step_s']:.1f} s (import {c['import_s']:.1f}, init "
             f"{c['init_s']:.1f}, compile {c['compile_s']:.1f}); {c['flops_per_step'] / 1e9:.1f} GFLOP, "
             f"{c['bytes_accessed_per_step'] / 1e9:.2f} GB per step", flush=True)
+      print(f"  cold split: {_split(c['startup'])}", flush=True)
     # Warm: a second fresh process reusing the cache; it stays up as the measured jaxflow worker.
     jaxw = Worker("jax", spec, env)
     torchw = None
@@ -413,13 +451,19 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
       result.update(flops_per_step=wm["flops_per_step"], bytes_accessed_per_step=wm["bytes_accessed_per_step"],
                     backend=wm["backend"], jax_version=wm["jax_version"],
                     platform_configure=wm["platform_configure"])
+      if wm["flops_per_step"] != wm["flops_per_step"] and "cold_flops_per_step" in result:  # NaN: loaded executable
+        result.update(flops_per_step=result["cold_flops_per_step"],
+                      bytes_accessed_per_step=result["cold_bytes_accessed_per_step"])
       # With --skip-cold this worker is the first to use the (empty) cache: its start is a cold one.
       tag = "" if args.skip_cold else "_warm"
       result.update({f"first_step{tag}_s": wm["first_step_s"], f"compile{tag}_s": wm["compile_s"],
-                     f"init{tag}_s": wm["init_s"], f"import{tag}_s": wm["import_s"], f"data{tag}_s": wm["data_s"]})
+                     f"init{tag}_s": wm["init_s"], f"import{tag}_s": wm["import_s"], f"data{tag}_s": wm["data_s"],
+                     f"startup{tag}": wm["startup"]})
       print(f"  {'cold (--skip-cold: empty cache)' if args.skip_cold else 'warm'} start: first step after "
             f"{wm['first_step_s']:.1f} s (import {wm['import_s']:.1f}, init {wm['init_s']:.1f}, data "
             f"{wm['data_s']:.1f}, compile {wm['compile_s']:.1f})", flush=True)
+      print(f"  {'cold' if args.skip_cold else 'warm'} split: {_split(wm['startup'])}; TensorFlow imported before the "
+            f"first step: {wm['tensorflow_imported']}", flush=True)
       jaxw.read()  # ready (warmed up)
       if not args.no_torch:
         torch_env = dict(os.environ)
@@ -587,6 +631,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="only compile the jaxflow step and report its FLOPs and bytes (for --roofline)")
   parser.add_argument("--skip-cold", action="store_true",
                       help="no cold-start process (first_step_s and peak_rss_cold_mib are then not measured)")
+  parser.add_argument("--no-exec-cache", action="store_true",
+                      help="compile the train step through jit + the persistent compilation cache only (no "
+                           "jaxflow.exec_cache executables): the start-up path before the executable cache")
+  parser.add_argument("--init-method", default="host", choices=("host", "traced"),
+                      help="parameter init: host (numpy draws, jaxflow.param_init) or traced (a compiled model.init)")
   parser.add_argument("--json", default=None, help="write the results (a list of dicts) to this file")
   parser.add_argument("--roofline", metavar="JSON", default=None,
                       help="print the accelerator projection table of a results file and exit")

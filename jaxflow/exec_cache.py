@@ -1,0 +1,255 @@
+"""A disk cache of compiled executables, so a warm start skips Python tracing, lowering and XLA entirely.
+
+JAX's persistent compilation cache is keyed by the lowered HLO, so even a hit re-traces the step in Python and
+re-lowers it (PWC-Net's train step: tens of seconds of tracing on the loaded 2-core CPU). `CachedFunction`
+wraps a jitted function; on its first call it computes a key from the arguments' *abstract* signature (tree
+structure, shapes, dtypes, shardings: no tracing) plus everything else the program depends on:
+
+  - `key_parts` given by the caller (the model's repr with all its fields, the loss / optimiser config, ...);
+  - a hash of every .py file of the jaxflow package (any code change is a miss);
+  - jax / jaxlib versions, the backend's platform and version, the devices (ids, kinds) and process layout;
+  - XLA_FLAGS, LIBTPU_INIT_ARGS and the jax config values that change tracing or compilation (x64,
+    matmul precision, PRNG implementation, ...), jaxflow.ops.conv's process-wide implementation choice;
+  - the compiler options passed.
+
+A hit loads the serialized executable (jax.experimental.serialize_executable) and uses it; a miss (or any load
+error: truncated file, unpickling error, version skew) logs one line and takes the normal path (lower +
+compile, which itself uses the persistent compilation cache), then writes the entry (atomically: temp file +
+rename), except when that compile was itself a hit of JAX's persistent cache: on XLA:CPU (jaxlib 0.10.2) such an
+executable does not serialize again (the entry would fail at run time), so it is not stored. A later call whose arguments do not have the first call's signature goes to the plain jitted function.
+Only single-process runs use the cache (a multi-process executable must be compiled collectively).
+
+Entries are pickles of executables: load only from a directory you trust (as with JAX's own cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+
+FORMAT = 2
+PERSISTENT_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_CONFIG_NAMES = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl", "jax_numpy_rank_promotion",
+                 "jax_threefry_partitionable", "jax_use_shardy_partitioner", "jax_dynamic_shapes",
+                 "jax_numpy_dtype_promotion", "jax_platforms")
+_source_hash_memo: dict[str, str] = {}
+
+
+def source_hash(package_dir: str | None = None) -> str:
+  """sha256 over the relative paths and bytes of every .py file under the jaxflow package (sorted)."""
+  root = package_dir or os.path.dirname(os.path.abspath(__file__))
+  if root in _source_hash_memo:
+    return _source_hash_memo[root]
+  h = hashlib.sha256()
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+    for name in sorted(filenames):
+      if name.endswith(".py"):
+        path = os.path.join(dirpath, name)
+        h.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as f:
+          h.update(f.read() + b"\0")
+  _source_hash_memo[root] = h.hexdigest()
+  return _source_hash_memo[root]
+
+
+def _sharding_repr(x: Any) -> str:
+  s = getattr(x, "sharding", None)
+  if s is None:
+    return "none"
+  if isinstance(s, jax.sharding.NamedSharding):
+    mesh = s.mesh
+    return (f"named({tuple(mesh.axis_names)},{tuple(mesh.devices.shape)},{[d.id for d in mesh.devices.flat]},"
+            f"{s.spec},{getattr(s, 'memory_kind', None)})")
+  if isinstance(s, jax.sharding.SingleDeviceSharding):
+    return f"single({next(iter(s.device_set)).id})"
+  return repr(s)
+
+
+def signature(args: tuple[Any, ...]) -> str:
+  """The abstract signature of call arguments: tree structure, then shape / dtype / sharding per leaf."""
+  leaves, tree = jax.tree_util.tree_flatten(args)
+  parts = [str(tree)]
+  for x in leaves:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+      parts.append(f"py:{type(x).__name__}:{x!r}")
+    else:
+      parts.append(f"{tuple(x.shape)}:{dtype}:{_sharding_repr(x)}:{bool(getattr(x, 'weak_type', False))}")
+  return "\n".join(parts)
+
+
+def environment() -> dict[str, Any]:
+  """Everything outside the arguments and the caller's key parts that determines the compiled program."""
+  import jaxlib
+  from jaxflow.ops import conv as conv_ops
+  devices = jax.devices()
+  config = {}
+  for name in _CONFIG_NAMES:
+    try:
+      config[name] = str(getattr(jax.config, name))
+    except AttributeError:
+      config[name] = "n/a"
+  return {
+      "format": FORMAT, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+      "platform": jax.default_backend(),
+      "platform_version": str(getattr(devices[0].client, "platform_version", "?")),
+      "devices": [(d.id, d.platform, d.device_kind, d.process_index) for d in devices],
+      "process_count": jax.process_count(), "process_index": jax.process_index(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
+      "jax_config": config, "conv_impl": conv_ops.get_default_impl(), "jaxflow_source": source_hash(),
+  }
+
+
+def cache_key(name: str, args: tuple[Any, ...], key_parts: Mapping[str, Any],
+              compiler_options: Mapping[str, Any] | None = None) -> str:
+  """sha256 hex of (name, argument signature, key_parts, environment, compiler options)."""
+  blob = json.dumps({"name": name, "signature": signature(args), "key_parts": {k: str(v) for k, v in key_parts.items()},
+                     "environment": environment(),
+                     "compiler_options": {k: str(v) for k, v in (compiler_options or {}).items()}},
+                    sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def default_dir() -> str | None:
+  """<jax_compilation_cache_dir>/jaxflow_executables when JAX's persistent cache is configured, else None."""
+  base = jax.config.jax_compilation_cache_dir
+  return os.path.join(base, "jaxflow_executables") if base else None
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"exec_cache: {msg}", flush=True)
+
+
+class CachedFunction:
+  """A jitted function whose first compilation goes through the executable cache (see the module docstring).
+
+  Attributes after the first call: `hit` (True: loaded from disk), `key` (hex), `timings` (seconds: 'key',
+  'load' or 'lower' + 'compile' + 'store').
+  """
+
+  def __init__(self, jitted: Any, name: str, key_parts: Mapping[str, Any], cache_dir: str | None,
+               compiler_options: Mapping[str, Any] | None = None, log: Callable[[str], None] = _log):
+    self.jitted = jitted
+    self.name = name
+    self.key_parts = dict(key_parts)
+    self.cache_dir = cache_dir
+    self.compiler_options = dict(compiler_options) if compiler_options else None
+    self.log = log
+    self.compiled: Any = None
+    self.hit: bool | None = None
+    self.key: str | None = None
+    self.timings: dict[str, float] = {}
+    self._signature: str | None = None
+
+  def __call__(self, *args: Any) -> Any:
+    if self.compiled is None:
+      self.compiled = self.compile(*args)
+    try:
+      return self.compiled(*args)
+    except (TypeError, ValueError):
+      # The executable checks its arguments before running (nothing donated yet): other shapes, dtypes or
+      # shardings than the first call's go to the plain jitted function (which traces them as usual).
+      if signature(args) == self._signature:
+        raise
+      return self.jitted(*args)
+
+  def compile(self, *args: Any) -> Any:
+    """The compiled executable for `args` (concrete arrays or ShapeDtypeStructs with shardings)."""
+    t = time.perf_counter()
+    self._signature = signature(args)
+    enabled = bool(self.cache_dir) and jax.process_count() == 1
+    path = None
+    if enabled:
+      self.key = cache_key(self.name, args, self.key_parts, self.compiler_options)
+      path = os.path.join(self.cache_dir, f"{self.name}-{self.key[:40]}.jaxexec")
+    self.timings["key"] = time.perf_counter() - t
+    if path and os.path.exists(path):
+      t = time.perf_counter()
+      try:
+        compiled = load(path)
+        self.timings["load"] = time.perf_counter() - t
+        self.hit = True
+        return compiled
+      except Exception as e:  # noqa: BLE001 - any load failure falls back to compiling
+        self.log(f"{self.name}: could not load {path} ({type(e).__name__}: {e}); compiling instead")
+    elif path:
+      self.log(f"{self.name}: no cached executable ({os.path.basename(path)}); compiling")
+    self.hit = False
+    t = time.perf_counter()
+    lowered = self.jitted.lower(*args)
+    self.timings["lower"] = time.perf_counter() - t
+    t = time.perf_counter()
+    persistent_hits: list[str] = []
+
+    def listener(event: str, **kwargs: Any) -> None:
+      if event == PERSISTENT_CACHE_HIT_EVENT:
+        persistent_hits.append(event)
+
+    jax.monitoring.register_event_listener(listener)
+    try:
+      compiled = lowered.compile(compiler_options=self.compiler_options)
+    finally:
+      jax.monitoring.unregister_event_listener(listener)
+    self.timings["compile"] = time.perf_counter() - t
+    if path and persistent_hits:
+      # An executable that JAX itself loaded from its persistent cache does not serialize again on XLA:CPU
+      # (jaxlib 0.10.2: the stored entry fails at run time with "Function ... not found"), so it is not stored;
+      # the next start takes this path again (trace + lower + persistent-cache load).
+      self.log(f"{self.name}: not stored (the executable came from JAX's persistent compilation cache)")
+      path = None
+    if path:
+      t = time.perf_counter()
+      try:
+        store(path, compiled)
+      except Exception as e:  # noqa: BLE001 - a cache that cannot be written only costs the next start
+        self.log(f"{self.name}: could not store the executable in {path} ({type(e).__name__}: {e})")
+      self.timings["store"] = time.perf_counter() - t
+    return compiled
+
+
+def store(path: str, compiled: Any) -> None:
+  """Writes a compiled executable (with its argument / result trees) to `path` atomically."""
+  from jax.experimental import serialize_executable
+  payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+  # The devices the executable runs on, in its order (deserialize_and_load would otherwise assume all devices).
+  device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
+  blob = pickle.dumps({"format": FORMAT, "payload": payload, "in_tree": in_tree, "out_tree": out_tree,
+                       "device_ids": device_ids})
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(blob)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def load(path: str) -> Any:
+  """The compiled executable stored at `path` (raises on any problem)."""
+  from jax.experimental import serialize_executable
+  with open(path, "rb") as f:
+    entry = pickle.load(f)
+  if not isinstance(entry, dict) or entry.get("format") != FORMAT:
+    raise ValueError(f"{path}: not a jaxflow executable cache entry of format {FORMAT}")
+  by_id = {d.id: d for d in jax.devices()}
+  missing = [i for i in entry["device_ids"] if i not in by_id]
+  if missing:
+    raise ValueError(f"{path}: compiled for device ids {entry['device_ids']}, {missing} not present")
+  devices = [by_id[i] for i in entry["device_ids"]]
+  return serialize_executable.deserialize_and_load(entry["payload"], entry["in_tree"], entry["out_tree"],
+                                                   backend=devices[0].client, execution_devices=devices)
+
+
+__all__ = ["CachedFunction", "cache_key", "default_dir", "environment", "load", "signature", "source_hash", "store"]
