@@ -17,8 +17,9 @@ quadrilateral there: about two thirds of the bounding box for a rotated chair): 
 numbered consecutively and processed 256 at a time in a while loop (trip count = actual chair area, no fixed-size
 windows), merged into per-frame layer-value maps (a z-buffer) with a scatter-max. Then one full-frame pass per
 frame samples, for every pixel, the image of its layer (photo via its affine map, reflected at the photo border,
-or the chair's sprite), bilinearly, as one int64 per pixel (three 21-bit colour lanes: XLA computes coordinates
-and gathers once per pixel, not once per channel), and one pass computes flow and occlusion. A second small XLA
+or the chair's sprite), bilinearly from an int32 table of packed texels, as one int64 per pixel (three 21-bit
+colour lanes: XLA computes coordinates and gathers once per pixel, not once per channel), and one pass computes
+flow (one gather of the layer's (2, 3) flow map per pixel) and occlusion. A second small XLA
 function decodes the colours (and applies the photometric augmentation). With augmentation
 (`make_generator(config, augment, crop_size)`, used by the training pipeline), the augmentation's output->source
 maps are composed into every layer's map, so the augmented crop is rendered directly: no full-size intermediate,
@@ -260,8 +261,9 @@ IMAGE_SCALE = 1.0 / (255 * _SUBPIXEL * _SUBPIXEL)  # Packed lane value -> [0, 1]
 
 def _bilinear_packed(flat: tf.Tensor, base: tf.Tensor, height: tf.Tensor, width: tf.Tensor, x: tf.Tensor,
                      y: tf.Tensor) -> tf.Tensor:
-  """Bilinear RGB samples from packed colours `flat` (see _pack_rgb) of images whose pixels start at index
-  `base` with size (`height`, `width`) (all broadcast with x); coordinates are clamped.
+  """Bilinear RGB samples from packed int32 colours `flat` (see _pack_rgb) of images whose pixels start at index
+  `base` with size (`height`, `width`) (all broadcast with x); coordinates are clamped. The table holds 4 bytes
+  per texel (half of an int64 lane table: fewer cache lines per tap), spread into lanes after each gather.
 
   Returns one int64 per sample holding the three interpolated channels in 21-bit lanes (r + g << 21 + b << 42),
   each = sum of tap value (0..255) x quantised weight (the weights sum to 4096): one output per pixel, so XLA
@@ -280,9 +282,16 @@ def _bilinear_packed(flat: tf.Tensor, base: tf.Tensor, height: tf.Tensor, width:
   acc = None
   for i, wt in ((i00, (_SUBPIXEL - wx) * (_SUBPIXEL - wy)), (i00 + dx, wx * (_SUBPIXEL - wy)),
                 (i00 + dy, (_SUBPIXEL - wx) * wy), (i00 + dx + dy, wx * wy)):
-    lanes = tf.gather(flat, i)
+    lanes = _spread_lanes(tf.gather(flat, i))
     acc = lanes * wt if acc is None else acc + lanes * wt
   return acc
+
+
+def _spread_lanes(texel: tf.Tensor) -> tf.Tensor:
+  """int32 texels r + 256 g + 65536 b (see _pack_rgb) -> int64 with each channel at the bottom of its 21-bit lane."""
+  v = tf.cast(texel, tf.int64)
+  return (tf.bitwise.bitwise_and(v, 0xFF) | tf.bitwise.left_shift(tf.bitwise.bitwise_and(v, 0xFF00), _LANE - 8)
+          | tf.bitwise.left_shift(tf.bitwise.bitwise_and(v, 0xFF0000), 2 * _LANE - 16))
 
 
 def unpack_rgb(packed: tf.Tensor) -> tf.Tensor:
@@ -460,15 +469,17 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
     g_maps = (tf.concat([p["bg_a"][None], tf.gather(p["g_a"], by_value)], 0),
               tf.concat([p["bg_b"][None], tf.gather(p["g_b"], by_value)], 0))
     fa, fb = _compose(a2_inv, _compose(g_maps, maps[0]))
-    m = _gather_columns(_rows(fa - tf.eye(2), fb), layer1)
-    u = m[0] * x + m[1] * y + m[4]
-    v = m[2] * x + m[3] * y + m[5]
+    # One (2, 3) gather per pixel and a reduction: a single pass writing the flow (separate column gathers are
+    # materialised one array each, as the occlusion test below reads them too).
+    flow_maps = tf.concat([fa - tf.eye(2), fb[..., None]], -1)  # (layers, 2, 3): [D | e], flow = D x + e
+    flow = tf.reduce_sum(tf.gather(flow_maps, layer1) * tf.stack([x, y, tf.ones_like(x)], -1)[:, None, :], -1)
+    u, v = flow[:, 0], flow[:, 1]
     rx, ry = _round(x + u), _round(y + v)
     inside = (rx >= 0) & (rx <= wc - 1) & (ry >= 0) & (ry <= hc - 1)
     target = tf.clip_by_value(ry, 0, hc - 1) * wc + tf.clip_by_value(rx, 0, wc - 1)
     same = tf.gather(layer2, target) == layer1
     occlusion = tf.cast(~(inside & same), tf.float32)
-    return {"image1": frames[0], "image2": frames[1], "flow": tf.reshape(tf.stack([u, v], -1), [hc, wc, 2]),
+    return {"image1": frames[0], "image2": frames[1], "flow": tf.reshape(flow, [hc, wc, 2]),
             "valid": tf.ones([hc, wc], tf.float32), "occlusion": tf.reshape(occlusion, [hc, wc])}
 
   return render
@@ -554,8 +565,6 @@ def _load_assets(cfg: ml_collections.ConfigDict) -> tuple:
                               views_per_model=cfg.views_per_model, seed=cfg.asset_seed,
                               max_images=cfg.max_chair_images)
   table = np.concatenate([_pack_rgb(backgrounds).reshape(-1), _pack_rgb(sprites[..., :3]).reshape(-1)])
-  v = table.astype(np.int64)
-  table = (v & 255) | ((v & 0xFF00) << (_LANE - 8)) | ((v & 0xFF0000) << (2 * _LANE - 16))
   return (tf.constant(table), tf.constant(sprites[..., 3].reshape(-1)), tf.constant(_sprite_boxes(sprites)),
           backgrounds.shape, sprites.shape)
 
