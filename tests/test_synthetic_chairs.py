@@ -321,3 +321,36 @@ def test_row_spans_cover_every_pixel_of_the_quadrilateral_and_little_more():
   lo, hi = (t.numpy() for t in sc._row_spans(tf.constant(far), tf.constant([[0, 0, w - 1, h - 1]], tf.int32),
                                              rows, tile))
   assert (lo > hi).all()
+
+
+def test_packed_bilinear_samples_equal_a_numpy_bilinear_of_the_int32_table():
+  # The renderer gathers 4-byte texels (r + 256 g + 65536 b) and accumulates the three channels in 21-bit lanes
+  # of one int64: decoded, it must equal a plain per-channel numpy bilinear interpolation with the same 1/64 pixel
+  # weight quantisation (exact integers), for two images stored one after the other in the table, at the image
+  # borders (clamped coordinates) and with colour values up to 255 in every channel (no carry between lanes).
+  rng = np.random.default_rng(3)
+  images = [rng.integers(0, 256, (7, 9, 3), dtype=np.uint8), rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)]
+  images[0][0, 0] = 255
+  table = np.concatenate([sc._pack_rgb(im[None]).reshape(-1) for im in images])
+  assert table.dtype == np.int32
+  n = 400
+  which = rng.integers(0, 2, n)
+  heights = np.array([im.shape[0] for im in images])[which]
+  widths = np.array([im.shape[1] for im in images])[which]
+  bases = np.array([0, images[0].shape[0] * images[0].shape[1]])[which]
+  x = rng.uniform(-1.5, widths + 0.5).astype(np.float32)
+  y = rng.uniform(-1.5, heights + 0.5).astype(np.float32)
+  x[:4], y[:4] = [0, widths[1] - 1, 3.999, 2.0], [0, heights[1] - 1, 0.001, 2.5]
+  packed = sc._bilinear_packed(tf.constant(table), tf.constant(bases, tf.int32), tf.constant(heights, tf.int32),
+                               tf.constant(widths, tf.int32), tf.constant(x), tf.constant(y))
+  got = sc.unpack_rgb(packed).numpy()
+  for i in range(n):
+    im = images[which[i]].astype(np.int64)
+    h, w = im.shape[:2]
+    xc, yc = np.clip(x[i], 0, w - 1), np.clip(y[i], 0, h - 1)
+    x0, y0 = int(np.floor(xc)), int(np.floor(yc))
+    wx, wy = int(np.floor((xc - x0) * 64 + 0.5)), int(np.floor((yc - y0) * 64 + 0.5))
+    x1, y1 = min(x0 + 1, w - 1), min(y0 + 1, h - 1)
+    acc = (im[y0, x0] * (64 - wx) * (64 - wy) + im[y0, x1] * wx * (64 - wy) + im[y1, x0] * (64 - wx) * wy
+           + im[y1, x1] * wx * wy)
+    np.testing.assert_allclose(got[i], acc / (255 * 4096), rtol=0, atol=1e-7, err_msg=str(i))
