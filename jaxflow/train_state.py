@@ -52,7 +52,7 @@ def init_variables(model: Any, rng: jax.Array, image_shape: tuple[int, int, int,
   return model.init({"params": rng}, images, images, train=False)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (jax.jit hashes the function it wraps)
 class InitFn:
   """What `create_train_state` needs to build a TrainState: the model, the optimiser and the image shape of the
   pair whose forward pass defines the parameter shapes. Calling it (key -> TrainState) is the traced

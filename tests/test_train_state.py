@@ -143,7 +143,7 @@ def test_unknown_initializer_is_an_error_naming_the_parameter():
     param_init.abstract_variables(_Custom(), SHAPE)
   with pytest.raises(ValueError, match=r"params/gain"):
     param_init.abstract_variables(_RawParam(), SHAPE)
-  # The traced path still initialises such models.
+  # The traced path still initialises such models (also with precomputed abstract variables of another model).
   state, _ = create_train_state(make_init_fn(_RawParam(), _tx(), SHAPE), 0,
                                 parallel.replicated(parallel.make_mesh(1)), method="traced")
   np.testing.assert_array_equal(np.asarray(state.params["gain"]), 0.5)
@@ -179,3 +179,18 @@ def test_bad_method_is_an_error():
   with pytest.raises(ValueError, match="method"):
     create_train_state(make_init_fn(get_model("spynet"), _tx(), SHAPE), 0,
                        parallel.replicated(parallel.make_mesh(1)), method="fast")
+
+
+
+def test_traced_method_same_tree_and_run_key_as_host_method():
+  """method='traced' (a compiled model.init with jax's draws) and the host method build the same tree, shapes,
+  dtypes and run key; an InitFn carrying precomputed variables can be traced too."""
+  model = _Various()
+  rep = parallel.replicated(parallel.make_mesh(1))
+  init_fn = make_init_fn(model, _tx(), SHAPE, variables=param_init.abstract_variables(model, SHAPE))
+  host, _ = create_train_state(init_fn, 5, rep)
+  traced, _ = create_train_state(init_fn, 5, rep, method="traced")
+  assert jax.tree.structure(host) == jax.tree.structure(traced)
+  for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(traced)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+  np.testing.assert_array_equal(np.asarray(host.rng), np.asarray(traced.rng))

@@ -23,7 +23,10 @@ def _parse(opts: str) -> dict[str, object]:
   out: dict[str, object] = {}
   for tok in opts.split():
     k, v = tok.split("=", 1)
-    out[k] = int(v) if v.lstrip("-").isdigit() else v
+    if v.lower() in ("true", "false"):  # XLA wants a bool for bool options, not the string
+      out[k] = v.lower() == "true"
+    else:
+      out[k] = int(v) if v.lstrip("-").isdigit() else v
   return out
 
 
