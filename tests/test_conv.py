@@ -63,8 +63,8 @@ def test_weight_grad_matches_numpy(case, mode):
 @pytest.mark.parametrize("case", CASES + [(8, 8, 40, 40, 3, 1, 1, 1), (8, 8, 40, 40, 3, 2, 1, 1)])
 def test_conv2d_values_and_grads_match_lax(case, monkeypatch):
   """Forward identical to lax; (x, w) gradients of a nonlinear loss equal lax autodiff's (every wgrad mode is
-  reached: small channel products -> lax, 40x40 -> blocked at stride 1 and scan at stride 2, C_out <= 8 at stride 1 -> concat; the size threshold
-  is lowered so that these small inputs take the matmul paths)."""
+  reached: small channel products -> lax, 40x40 -> blocked at stride 1 and scan at stride 2, C_out <= 8 at
+  stride 1 -> concat; the size threshold is lowered so that these small inputs take the matmul paths)."""
   monkeypatch.setattr(conv_ops, "_MIN_TAP_MACS", 0)
   h, w, cin, cout, k, s, pad, d = case
   rng = np.random.default_rng(1)
@@ -176,3 +176,57 @@ def test_configure_sets_the_compilation_cache(tmp_path):
     jax.config.update("jax_compilation_cache_dir", old[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
     conv_ops.set_default_impl("auto")
+
+
+@pytest.mark.parametrize("impl", ["matmul", "lax"])
+def test_conv2d_concat_equals_conv_of_the_concatenation(impl, monkeypatch):
+  """Values and the gradients of every part and of the kernel equal lax autodiff through the materialised
+  concatenation (dilation 2, parts of 3, 1 and 6 channels, a blocked and a concat-mode weight gradient)."""
+  monkeypatch.setattr(conv_ops, "_MIN_TAP_MACS", 0)
+  rng = np.random.default_rng(5)
+  parts = [jnp.asarray(rng.normal(size=(2, 9, 7, c)), jnp.float32) for c in (3, 1, 6)]
+  for cout in (40, 2):
+    wt = jnp.asarray(rng.normal(size=(3, 3, 10, cout)) * 0.3, jnp.float32)
+    pad = ((2, 2), (2, 2))
+    ours = lambda ps, w: jnp.sum(jnp.sin(conv_ops.conv2d_concat(ps, w, (1, 1), pad, (2, 2), impl=impl)))
+    ref = lambda ps, w: jnp.sum(jnp.sin(lax.conv_general_dilated(jnp.concatenate(ps, -1), w, (1, 1), pad,
+                                                                 rhs_dilation=(2, 2), dimension_numbers=DN)))
+    np.testing.assert_allclose(float(ours(parts, wt)), float(ref(parts, wt)), rtol=1e-6)
+    (gp, gw), (rp, rw) = jax.grad(ours, (0, 1))(parts, wt), jax.grad(ref, (0, 1))(parts, wt)
+    assert [g.shape for g in gp] == [p.shape for p in parts]
+    for a, b in zip(gp, rp):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=2e-5, atol=2e-4)
+
+
+def test_conv2d_concat_saves_the_parts_not_the_concatenation():
+  """The custom VJP's residuals are the parts themselves (no array with the summed channel count is kept)."""
+  parts = [jnp.ones((1, 6, 6, 4)), jnp.ones((1, 6, 6, 5))]
+  wt = jnp.ones((3, 3, 9, 8))
+  _, res = conv_ops._concat_fwd(tuple(parts), wt, (1, 1), ((1, 1), (1, 1)), (1, 1))
+  shapes = [r.shape for r in jax.tree.leaves(res)]
+  assert (1, 6, 6, 9) not in shapes and shapes.count((1, 6, 6, 4)) == 1 and shapes.count((1, 6, 6, 5)) == 1
+
+
+def test_conv2d_concat_bad_inputs_name_the_shapes():
+  a, b = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 8, 9, 2))
+  with pytest.raises(ValueError, match=r"input 1 has shape \(1, 8, 9, 2\)"):
+    conv_ops.conv2d_concat([a, b], jnp.zeros((3, 3, 5, 2)))
+  with pytest.raises(ValueError, match=r"add up to 5.*\(kh, kw, 5, C_out\)"):
+    conv_ops.conv2d_concat([a, jnp.zeros((1, 8, 8, 2))], jnp.zeros((3, 3, 4, 2)))
+  with pytest.raises(ValueError, match="at least one input"):
+    conv_ops.conv2d_concat([], jnp.zeros((3, 3, 4, 2)))
+
+
+def test_concat_conv_has_nn_conv_parameters_and_values():
+  """layers.ConcatConv: the parameter tree and init values of layers.conv on the concatenation, equal outputs."""
+  rng = np.random.default_rng(6)
+  parts = [jnp.asarray(rng.normal(size=(2, 8, 8, c)), jnp.float32) for c in (5, 7)]
+  x = jnp.concatenate(parts, -1)
+  ours, plain = layers.ConcatConv(6, 3, dilation=2, name="c"), layers.conv(6, 3, dilation=2, name="c")
+  v1, v2 = ours.init(jax.random.key(0), parts), plain.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, v1) == jax.tree.map(jnp.shape, v2)
+  for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_allclose(np.asarray(ours.apply(v1, parts)), np.asarray(plain.apply(v2, x)), rtol=1e-6,
+                             atol=1e-6)

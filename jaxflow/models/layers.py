@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxflow.ops import resize_flow
-from jaxflow.ops.conv import flax_conv_general_dilated
+from jaxflow.ops.conv import conv2d_concat, flax_conv_general_dilated
 
 # FlowNet/PWC-Net use MSRA (He) initialisation in the released Caffe/PyTorch code.
 kaiming = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -34,6 +34,33 @@ def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, *, dtyp
                  kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype,
                  param_dtype=jnp.float32, kernel_init=kaiming, conv_general_dilated=flax_conv_general_dilated,
                  name=name)
+
+
+class ConcatConv(nn.Module):
+  """`conv(features, kernel, dilation=...)` applied to the channel concatenation of a list of inputs.
+
+  Same parameters as `conv`'s nn.Conv ('kernel' (k, k, sum C_i, features) float32 with its initialiser,
+  'bias' (features,) zeros) and the same values as that conv of `jnp.concatenate(parts, -1)`; on CPU the
+  concatenation is not kept for the backward pass (jaxflow.ops.conv.conv2d_concat), which is what densely
+  connected layers need. Stride 1, 'same' padding like `conv`.
+  """
+  features: int
+  kernel_size: int = 3
+  dilation: int = 1
+  dtype: Any = jnp.float32
+  kernel_init: Any = kaiming
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+    """parts: (B, h, w, C_i) arrays, concatenated in this order. Returns (B, h, w, features), compute dtype."""
+    k, cin = self.kernel_size, sum(p.shape[-1] for p in parts)
+    kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    pad = (k - 1) // 2 * self.dilation
+    y = conv2d_concat([p.astype(self.dtype) for p in parts], kernel.astype(self.dtype), (1, 1),
+                      ((pad, pad), (pad, pad)), (self.dilation, self.dilation))
+    return y + bias.astype(self.dtype)
 
 
 def deconv(features: int, kernel: int = 4, stride: int = 2, *, dtype: Any = jnp.float32,
@@ -94,5 +121,5 @@ def upsample_to_input(flow: jax.Array, input_size: tuple[int, int]) -> jax.Array
   return jax.image.resize(flow, (b, input_size[0], input_size[1], 2), method="bilinear", antialias=False)
 
 
-__all__ = ["check_image_pair", "conv", "deconv", "fit_to_multiple", "flows_to_input_units", "kaiming",
+__all__ = ["ConcatConv", "check_image_pair", "conv", "deconv", "fit_to_multiple", "flows_to_input_units", "kaiming",
            "leaky_relu", "resize_flow", "upsample_to_input"]

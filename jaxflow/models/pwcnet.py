@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxflow.models import register
-from jaxflow.models.layers import (check_image_pair, conv, deconv, fit_to_multiple, flows_to_input_units,
+from jaxflow.models.layers import (ConcatConv, check_image_pair, conv, deconv, fit_to_multiple, flows_to_input_units,
                                    leaky_relu, upsample_to_input)
 from jaxflow.ops import correlation, warp_with_mask
 
@@ -68,22 +68,27 @@ class FeaturePyramid(nn.Module):
 class FlowEstimator(nn.Module):
   """Per-level (densely connected) flow estimator.
 
-  Input (B, h, w, c_in); returns (flow (B, h, w, 2) in flow/div_flow units, compute dtype; features (B, h, w,
-  c_in + sum(channels)) if dense else (B, h, w, channels[-1])).
+  Input: a list of (B, h, w, c_i) arrays whose channel concatenation (in list order) is the estimator's input
+  x (B, h, w, c_in). Returns (flow (B, h, w, 2) in flow/div_flow units, compute dtype; the output features as a
+  list of parts whose concatenation is (B, h, w, c_in + sum(channels)) if dense, else [(B, h, w, channels[-1])]).
+
+  The dense concatenations are never materialised as saved activations: every conv is a `ConcatConv` of the
+  parts (same parameters and values as a conv of the concatenation), so each layer's output is kept once for
+  the backward pass instead of once per later layer.
   """
   channels: Sequence[int]
   dense: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = x.astype(self.dtype)
+  def __call__(self, parts: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
+    parts = [p.astype(self.dtype) for p in parts]
     for i, c in enumerate(self.channels):
-      y = leaky_relu(conv(c, 3, dtype=self.dtype, name=f"conv{i}")(x))
+      y = leaky_relu(ConcatConv(c, 3, dtype=self.dtype, name=f"conv{i}")(parts))
       # Released code: x = cat(conv(x), x) -- the new features come first.
-      x = jnp.concatenate([y, x], axis=-1) if self.dense else y
-    flow = conv(2, 3, dtype=self.dtype, name="predict_flow")(x)
-    return flow, x
+      parts = [y] + parts if self.dense else [y]
+    flow = ConcatConv(2, 3, dtype=self.dtype, name="predict_flow")(parts)
+    return flow, parts
 
 
 class ContextNetwork(nn.Module):
@@ -93,10 +98,14 @@ class ContextNetwork(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
+  def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
+    """x: (B, h, w, C) features, or a list of parts whose channel concatenation they are."""
+    parts = [x] if isinstance(x, jax.Array) else list(x)
     for i, (c, d) in enumerate(zip(self.channels, self.dilations)):
-      x = leaky_relu(conv(c, 3, dilation=d, dtype=self.dtype, name=f"conv{i}")(x))
+      if i == 0:
+        x = leaky_relu(ConcatConv(c, 3, dilation=d, dtype=self.dtype, name="conv0")(parts))
+      else:
+        x = leaky_relu(conv(c, 3, dilation=d, dtype=self.dtype, name=f"conv{i}")(x))
     return conv(2, 3, dtype=self.dtype, name="predict_flow")(x)
 
 
@@ -224,24 +233,24 @@ class PWCNet(nn.Module):
 
     level_flows = []
     up_flow = up_feat = None
-    x = flow = None
+    parts = flow = None
     for l in self.decoder_levels:
       f1, f2 = feats1[l - 1], feats2[l - 1]
+      # The estimator input x = [cost volume, features1, upsampled flow, upsampled features] is passed as its
+      # parts (FlowEstimator: the concatenation is never a saved activation).
       if up_flow is None:
-        x = self.cost_volume(f1, f2).astype(self.dtype)
+        parts = [self.cost_volume(f1, f2)]
       else:
-        cv = self.cost_volume(f1, self.warp_features(f2, up_flow, l))
-        x = jnp.concatenate([cv.astype(self.dtype), f1.astype(self.dtype), up_flow.astype(self.dtype),
-                             up_feat.astype(self.dtype)], axis=-1)
-      flow, x = self.estimators[l](x)
+        parts = [self.cost_volume(f1, self.warp_features(f2, up_flow, l)), f1, up_flow, up_feat]
+      flow, parts = self.estimators[l]([p.astype(self.dtype) for p in parts])
       flow = flow.astype(jnp.float32)
       if l > self.output_level:
         up_flow = self.upflows[l](flow).astype(jnp.float32)
-        up_feat = self.upfeats[l](x)
+        up_feat = self.upfeats[l](jnp.concatenate(parts, axis=-1))
       level_flows.append(flow)
 
     if self.context:
-      level_flows[-1] = level_flows[-1] + self.context_net(x).astype(jnp.float32)
+      level_flows[-1] = level_flows[-1] + self.context_net(parts).astype(jnp.float32)
 
     flows = [f * self.div_flow for f in level_flows]  # network units -> pixels of the network input
     flows = flows_to_input_units(flows, (nh, nw), (h, w))

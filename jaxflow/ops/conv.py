@@ -145,7 +145,7 @@ def weight_grad_matmul(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], 
   return dw.reshape(kh, kw, cin, cout)
 
 
-def _weight_grad_stride1(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
+def _weight_grad_stride1(x: jax.Array | Sequence[jax.Array], g: jax.Array, kernel_shape: Sequence[int],
                          padding: Sequence[tuple[int, int]], dilation: Sequence[int], mode: str, acc) -> jax.Array:
   """Stride-1 weight gradient with the input used in place (no padded or transposed copy of x).
 
@@ -154,11 +154,14 @@ def _weight_grad_stride1(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int]
   x.reshape(L, C_in)^T @ shifted_g.reshape(L, C_out) with L = N*H*W: the contraction runs over x's leading
   axis (a transposed-operand matmul, no copy), and only g (C_out channels) is copied, once per tap.
   Positions of the padded border carry zeros in x, so leaving them out changes nothing.
+
+  x may be a list of parts (N, H, W, C_p) whose channel concatenation is the input: modes 'concat' and
+  'blocked' then take one product per part (the rows of dW that part owns) and never concatenate them.
   """
+  xs = [x] if isinstance(x, jax.Array) else list(x)
   kh, kw, cin, cout = kernel_shape
-  n, h, w, _ = x.shape
+  n, h, w, _ = xs[0].shape
   ho, wo = g.shape[1:3]
-  xl = x.reshape(n * h * w, cin)
   # g zero-padded so that any tap's shifted (h, w) window is a slice of it: g[n, y - oy, x - ox] for
   # offsets oy = d*i - lo in [-lo, d*(kh-1) - lo].
   top, left = padding[0][0], padding[1][0]
@@ -172,11 +175,13 @@ def _weight_grad_stride1(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int]
 
   contract = (((0,), (0,)), ((), ()))
   if mode == "blocked":
-    return _weight_grad_blocked(x, gp, offsets, (kh, kw), cout, acc)
+    return _weight_grad_blocked(xs, gp, offsets, (kh, kw), cout, acc)
   if mode == "concat":
     gs = jnp.concatenate([shifted(oy, ox) for oy, ox in offsets], axis=-1)  # (L, K * C_out)
-    dw = lax.dot_general(xl, gs, contract, preferred_element_type=acc)
+    dw = jnp.concatenate([lax.dot_general(p.reshape(n * h * w, p.shape[-1]), gs, contract,
+                                          preferred_element_type=acc) for p in xs], axis=0)
     return jnp.transpose(dw.reshape(cin, kh, kw, cout), (1, 2, 0, 3))
+  xl = (xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)).reshape(n * h * w, cin)
   ts = jnp.asarray(offsets, jnp.int32)
   _, dw = lax.scan(lambda _, t: (None, lax.dot_general(xl, shifted(t[0], t[1]), contract,
                                                        preferred_element_type=acc)), None, ts)
@@ -194,29 +199,35 @@ def _block_rows(h: int, w: int) -> int:
   return max(r for r in range(1, h + 1) if h % r == 0 and (r == 1 or r * w <= _BLOCK_POSITIONS))
 
 
-def _weight_grad_blocked(x: jax.Array, gp: jax.Array, offsets: Sequence[tuple[int, int]], kernel_hw: tuple[int, int],
-                         cout: int, acc) -> jax.Array:
+def _weight_grad_blocked(xs: Sequence[jax.Array], gp: jax.Array, offsets: Sequence[tuple[int, int]],
+                         kernel_hw: tuple[int, int], cout: int, acc) -> jax.Array:
   """Stride-1 weight gradient over blocks of R image rows: per block, the K = kh * kw taps' shifted output
-  gradients side by side (R*W, K*C_out) and one product x_block^T @ that, accumulated into (C_in, K*C_out).
+  gradients side by side (R*W, K*C_out) and one product x_block^T @ that per input part, accumulated into
+  (C_p, K*C_out) per part.
 
-  x (N, H, W, C_in) is read once, block by block, instead of once per tap, and the long contraction over
-  N*H*W positions is split into cache-sized pieces; nothing larger than a block is materialised (the 'concat'
-  mode builds the whole (N*H*W, K*C_out) array). gp is the output gradient zero-padded as in
-  `_weight_grad_stride1`, offsets the (row, column) start of each tap's window in it.
+  The input (the parts xs, each (N, H, W, C_p)) is read once, block by block, instead of once per tap, and the
+  long contraction over N*H*W positions is split into cache-sized pieces; nothing larger than a block is
+  materialised (the 'concat' mode builds the whole (N*H*W, K*C_out) array). gp is the output gradient
+  zero-padded as in `_weight_grad_stride1`, offsets the (row, column) start of each tap's window in it.
   """
-  n, h, w, cin = x.shape
+  n, h, w, _ = xs[0].shape
   rows = _block_rows(h, w)
   per_image = h // rows
-  xb = x.reshape(n * per_image, rows * w, cin)  # a bitcast: blocks are contiguous runs of positions
+  # Bitcasts: blocks are contiguous runs of positions.
+  xbs = [p.reshape(n * per_image, rows * w, p.shape[-1]) for p in xs]
 
-  def body(total, k):
+  def body(totals, k):
     b, r = k // per_image, (k % per_image) * rows
-    xk = lax.dynamic_index_in_dim(xb, k, keepdims=False)
     gs = jnp.concatenate([lax.dynamic_slice(gp, (b, r + oy, ox, 0), (1, rows, w, cout)).reshape(rows * w, cout)
                           for oy, ox in offsets], axis=-1)
-    return total + lax.dot_general(xk, gs, (((0,), (0,)), ((), ())), preferred_element_type=acc), None
+    return tuple(t + lax.dot_general(lax.dynamic_index_in_dim(xb, k, keepdims=False), gs,
+                                     (((0,), (0,)), ((), ())), preferred_element_type=acc)
+                 for t, xb in zip(totals, xbs)), None
 
-  total, _ = lax.scan(body, jnp.zeros((cin, len(offsets) * cout), acc), jnp.arange(n * per_image))
+  init = tuple(jnp.zeros((p.shape[-1], len(offsets) * cout), acc) for p in xs)
+  totals, _ = lax.scan(body, init, jnp.arange(n * per_image))
+  total = totals[0] if len(totals) == 1 else jnp.concatenate(totals, axis=0)
+  cin = total.shape[0]
   return jnp.transpose(total.reshape(cin, kernel_hw[0], kernel_hw[1], cout), (1, 2, 0, 3))
 
 
@@ -303,6 +314,72 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
   return _conv_matmul_grad(x, w, strides, padding, dilation)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_of_concat(xs, w, strides, padding, dilation):
+  return _lax_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation)
+
+
+def _concat_fwd(xs, w, strides, padding, dilation):
+  # The concatenation is a temporary of the forward pass; only the parts (already alive as the outputs of
+  # earlier layers) are kept for the backward pass.
+  return _lax_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation), (xs, w)
+
+
+def _concat_bwd(strides, padding, dilation, res, g):
+  xs, w = res
+  cin = w.shape[2]
+  n, h, wd, _ = xs[0].shape
+  # The input gradient needs only the kernel; it is split into the parts' channel ranges.
+  (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, strides, padding, dilation),
+                               jax.ShapeDtypeStruct((n, h, wd, cin), xs[0].dtype))(g)
+  bounds = [0]
+  for x in xs:
+    bounds.append(bounds[-1] + x.shape[-1])
+  dxs = tuple(lax.slice_in_dim(dx, a, b, axis=3) for a, b in zip(bounds[:-1], bounds[1:]))
+  mode = weight_grad_mode(cin, w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2])
+  if tuple(strides) == (1, 1) and mode in ("blocked", "concat"):
+    # The weight gradient reads the parts where they are: no concatenation is rebuilt in the backward pass
+    # (one would be a value XLA may schedule, and keep alive, long before it is needed).
+    acc = jnp.result_type(jnp.float32, xs[0].dtype, g.dtype)
+    dw = _weight_grad_stride1(xs, g, w.shape, padding, dilation, mode, acc)
+  else:
+    _, dw = _conv_bwd(strides, padding, dilation, (jnp.concatenate(xs, axis=-1), w), g)
+  return dxs, dw.astype(w.dtype)
+
+
+_conv_of_concat.defvjp(_concat_fwd, _concat_bwd)
+
+
+def conv2d_concat(xs: Sequence[jax.Array], w: jax.Array, strides: Sequence[int] = (1, 1),
+                  padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)), dilation: Sequence[int] = (1, 1), *,
+                  impl: str | None = None) -> jax.Array:
+  """`conv2d` of the channel concatenation of xs (each (N, H, W, C_i), one dtype) with w (kh, kw, sum C_i,
+  C_out): the same values, but on CPU (impl 'auto' / 'matmul') the concatenation is not saved for the backward
+  pass: the parts are, and the backward pass concatenates them again (a temporary).
+
+  For densely connected layers (PWC-Net's estimators: every conv reads the concatenation of all earlier
+  outputs) this keeps each part once in memory instead of once per later conv (PWC-Net level 2: 2,302
+  channels per pixel of saved conv inputs become 565). Input gradients are returned per part.
+  """
+  xs = tuple(xs)
+  if not xs:
+    raise ValueError("conv2d_concat: expected at least one input")
+  for i, x in enumerate(xs):
+    if x.ndim != 4 or x.shape[:3] != xs[0].shape[:3] or x.dtype != xs[0].dtype:
+      raise ValueError(f"conv2d_concat: input {i} has shape {x.shape} and dtype {x.dtype}; every input must be "
+                       f"(N, H, W, C_i) with (N, H, W) = {xs[0].shape[:3]} and dtype {xs[0].dtype}")
+  cin = sum(x.shape[-1] for x in xs)
+  if w.ndim != 4 or w.shape[2] != cin:
+    raise ValueError(f"conv2d_concat: the inputs' channels {[x.shape[-1] for x in xs]} add up to {cin}, but the "
+                     f"kernel has shape {w.shape} (expected (kh, kw, {cin}, C_out))")
+  strides, padding, dilation = _normalise(strides, padding, dilation)
+  if len(xs) == 1:
+    return conv2d(xs[0], w, strides, padding, dilation, impl=impl)
+  if _resolve(impl) == "lax":
+    return _lax_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation)
+  return _conv_of_concat(xs, w, strides, padding, dilation)
+
+
 def flax_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                               dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
   """Drop-in for `lax.conv_general_dilated` as flax's `nn.Conv(conv_general_dilated=...)`: uses `conv2d` for
@@ -318,5 +395,5 @@ def flax_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=No
   return conv2d(lhs, rhs, window_strides, padding, rhs_dilation or (1, 1), impl="matmul")
 
 
-__all__ = ["conv2d", "flax_conv_general_dilated", "get_default_impl", "set_default_impl", "weight_grad_matmul",
-           "weight_grad_mode"]
+__all__ = ["conv2d", "conv2d_concat", "flax_conv_general_dilated", "get_default_impl", "set_default_impl",
+           "weight_grad_matmul", "weight_grad_mode"]
