@@ -19,6 +19,7 @@ The first batches (tracing, XLA compilation, asset loading) are excluded from th
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 import time
@@ -43,7 +44,11 @@ def _config(args, train: str) -> ml_collections.ConfigDict:
 
 
 def _time_iterator(it, batches: int, batch_size: int, repeats: int, warmup: int = 2) -> tuple[float, float]:
-  """Medians over `repeats` runs of (pairs per wall-clock second, pairs per CPU-second of this process)."""
+  """Medians over `repeats` runs of (pairs per wall-clock second, pairs per CPU-second of this process).
+
+  The iterator is closed afterwards (its tf.data threads would otherwise keep refilling their buffers while the
+  next stage is timed).
+  """
   for _ in range(warmup):
     next(it)
   walls, cpus = [], []
@@ -54,6 +59,8 @@ def _time_iterator(it, batches: int, batch_size: int, repeats: int, warmup: int 
     n = batches * batch_size
     walls.append(n / (time.perf_counter() - t))
     cpus.append(n / (time.process_time() - c))
+  del it
+  gc.collect()
   return float(np.median(walls)), float(np.median(cpus))
 
 
