@@ -34,6 +34,10 @@ Reported (printed, and in --json as a list of dicts, one per configuration):
   starts on an empty cache, so its start is reported as the cold one (first_step_s) and there is no warm figure;
   startup_overhead_s / startup_overhead_warm_s: the first step's time minus the median step (import, init,
   data transfer, compile or cache load); import_s, init_s, data_s, compile_s and their _warm twins split it; torch_first_step_s likewise for torch;
+  startup / startup_warm: the split of each start as the trainer does it (parameter shapes `abstract_s`,
+  executable-cache `key_s` and `load_s` on a hit or `lower_s` + `compile_s` + `store_s` on a miss,
+  `compile_cpu_s`, the first step's own `first_step_exec_s` / `_cpu_s`, and `process_cpu_s` up to the end of the
+  first step; --no-exec-cache and --init-method traced give the previous start-up path for A/B);
   peak_rss_mib (VmHWM of the warm, measured jaxflow worker), peak_rss_cold_mib (the cold worker, which also compiled),
   torch_peak_rss_mib; and the exact settings (devices, threads, XLA_FLAGS, versions, commit, load average).
 --roofline JSON projects the step time of each result on one accelerator from its FLOPs and bytes per step
