@@ -7,7 +7,7 @@ structure, shapes, dtypes, shardings: no tracing) plus everything else the progr
 
   - `key_parts` given by the caller (the model's repr with all its fields, the loss / optimiser config, ...);
   - a hash of every .py file of the jaxflow package (any code change is a miss);
-  - jax / jaxlib versions, the backend's platform and version, the devices (ids, kinds) and process layout;
+  - jax / jaxlib / flax / optax versions (the step's code is theirs too), the backend's platform and version, the devices (ids, kinds) and process layout;
   - XLA_FLAGS, LIBTPU_INIT_ARGS and the jax config values that change tracing or compilation (x64,
     matmul precision, PRNG implementation, ...), jaxflow.ops.conv's process-wide implementation choice;
   - the compiler options passed.
@@ -88,7 +88,9 @@ def signature(args: tuple[Any, ...]) -> str:
 
 def environment() -> dict[str, Any]:
   """Everything outside the arguments and the caller's key parts that determines the compiled program."""
+  import flax
   import jaxlib
+  import optax
   from jaxflow.ops import conv as conv_ops
   devices = jax.devices()
   config = {}
@@ -99,7 +101,7 @@ def environment() -> dict[str, Any]:
       config[name] = "n/a"
   return {
       "format": FORMAT, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "platform": jax.default_backend(),
+      "flax": flax.__version__, "optax": optax.__version__, "platform": jax.default_backend(),
       "platform_version": str(getattr(devices[0].client, "platform_version", "?")),
       "devices": [(d.id, d.platform, d.device_kind, d.process_index) for d in devices],
       "process_count": jax.process_count(), "process_index": jax.process_index(),

@@ -59,7 +59,7 @@ def test_miss_then_hit_same_results(tmp_path):
 
 
 @pytest.mark.parametrize("change", ["key_parts", "shape", "dtype", "sharding", "xla_flags", "source", "conv_impl",
-                                    "compiler_options"])
+                                    "compiler_options", "optax_version"])
 def test_any_key_component_change_is_a_miss(tmp_path, monkeypatch, change):
   x, y = _args()
   first, _ = _cached(tmp_path)
@@ -83,6 +83,9 @@ def test_any_key_component_change_is_a_miss(tmp_path, monkeypatch, change):
     monkeypatch.setattr(conv_ops, "_default_impl", "lax")
   elif change == "compiler_options":
     kw = {"compiler_options": {"xla_backend_optimization_level": 1}}
+  elif change == "optax_version":
+    import optax
+    monkeypatch.setattr(optax, "__version__", optax.__version__ + ".post1")
   second, logs = _cached(tmp_path, parts=parts, **kw)
   out = second(x, y)
   assert second.hit is False and second.key != first.key and "no cached executable" in logs[0]
