@@ -354,3 +354,39 @@ def test_packed_bilinear_samples_equal_a_numpy_bilinear_of_the_int32_table():
     acc = (im[y0, x0] * (64 - wx) * (64 - wy) + im[y0, x1] * wx * (64 - wy) + im[y1, x0] * (64 - wx) * wy
            + im[y1, x1] * wx * wy)
     np.testing.assert_allclose(got[i], acc / (255 * 4096), rtol=0, atol=1e-7, err_msg=str(i))
+
+
+def test_opaque_strips_cover_every_opaque_texel_and_do_not_change_the_output(monkeypatch):
+  # Coverage tests only the tiles meeting the strips of each sprite's opaque box: the strips must hold every
+  # opaque texel (else a chair would be cut, which the warp tests cannot see), stay inside the box, and rendering
+  # with them must give the same bytes as with the whole box (one strip).
+  rng = np.random.default_rng(5)
+  sprites = np.zeros((3, 20, 20, 4), np.uint8)
+  sprites[0, 3:15, 4:9, 3] = 255  # a back
+  sprites[0, 12:15, 4:17, 3] = 255  # a seat
+  sprites[0, 15:19, 5, 3] = 200  # a leg
+  sprites[1, ..., 3] = (rng.random((20, 20)) > 0.7) * 255
+  boxes = sc._sprite_boxes(sprites, strips=5)
+  assert boxes.shape == (3, 6, 4)
+  np.testing.assert_array_equal(boxes[2], np.tile([1, 1, 0, 0], (6, 1)))  # no opaque texel
+  for i in range(2):
+    ys, xs = np.nonzero(sprites[i, ..., 3] > 127)
+    np.testing.assert_array_equal(boxes[i, 0], [xs.min(), ys.min(), xs.max(), ys.max()])
+    strips = boxes[i, 1:]
+    assert (strips[:, :2] >= boxes[i, 0, :2]).all() and (strips[:, 2:] <= boxes[i, 0, 2:]).all()
+    held = np.zeros(len(xs), bool)
+    for x0, y0, x1, y1 in strips:
+      held |= (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+    assert held.all()
+  assert (boxes[0, 1:, 2] - boxes[0, 1:, 0]).min() < boxes[0, 0, 2] - boxes[0, 0, 0]  # tighter than the box
+
+  cfg = _small_config(num_chairs=(8, 10))
+  outputs = []
+  for strips in (1, sc._STRIPS):
+    monkeypatch.setattr(sc, "_STRIPS", strips)
+    monkeypatch.setattr(sc, "_GENERATORS", {})
+    g = sc.make_generator(cfg)
+    outputs.append([_example(g, 2, i) for i in range(3)])
+  for a, b in zip(*outputs):
+    for k in a:
+      assert a[k].tobytes() == b[k].tobytes(), k
