@@ -45,14 +45,16 @@ def _cpu_median(fn, args, repeats: int) -> float:
 
 
 def record_convs(model, height: int, width: int, batch: int) -> list[tuple[str, tuple]]:
-  """The model's convolutions from one abstract trace: [('conv' | 'deconv', (x shape, w shape, strides,
-  padding, dilation))], one entry per call (a layer applied to both frames at once counts once)."""
+  """The model's convolutions from one abstract trace: [('conv' | 'dense conv' | 'deconv', (x shape (a tuple of
+  the parts' shapes for a dense conv, jaxflow.ops.conv.conv2d_concat), w shape, strides, padding, dilation))],
+  one entry per call (a layer applied to both frames at once counts once)."""
   import jax
   import jax.numpy as jnp
   from jax import lax
+  from jaxflow.models import layers
   from jaxflow.ops import conv as conv_ops
   calls: list[tuple[str, tuple]] = []
-  orig_conv, orig_t = conv_ops.conv2d, lax.conv_transpose
+  orig_conv, orig_t, orig_cat = conv_ops.conv2d, lax.conv_transpose, conv_ops.conv2d_concat
 
   def rec_conv(x, w, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), *, impl=None):
     calls.append(("conv", (tuple(x.shape), tuple(w.shape), tuple(strides), tuple(map(tuple, padding)),
@@ -64,12 +66,19 @@ def record_convs(model, height: int, width: int, batch: int) -> list[tuple[str, 
                              (1, 1))))
     return orig_t(lhs, rhs, strides, padding, *a, **k)
 
-  conv_ops.conv2d, lax.conv_transpose = rec_conv, rec_t
+  def rec_cat(xs, w, strides=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), *, impl=None):
+    if len(xs) == 1:
+      return rec_conv(xs[0], w, strides, padding, dilation, impl=impl)
+    calls.append(("dense conv", (tuple(tuple(x.shape) for x in xs), tuple(w.shape), tuple(strides),
+                                 tuple(map(tuple, padding)), tuple(dilation))))
+    return orig_cat(xs, w, strides, padding, dilation, impl=impl)
+
+  conv_ops.conv2d, lax.conv_transpose, layers.conv2d_concat = rec_conv, rec_t, rec_cat
   try:
     x = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
     jax.eval_shape(lambda a, b: model.init(jax.random.key(0), a, b), x, x)
   finally:
-    conv_ops.conv2d, lax.conv_transpose = orig_conv, orig_t
+    conv_ops.conv2d, lax.conv_transpose, layers.conv2d_concat = orig_conv, orig_t, orig_cat
   return calls
 
 
@@ -87,9 +96,14 @@ def jax_profile(height: int, width: int, batch: int, repeats: int) -> dict[str, 
   rng = np.random.default_rng(0)
   out: dict[str, float] = collections.defaultdict(float)
   for (kind, (xs, ws, strides, padding, dilation)), n in counts.items():
-    x = jnp.asarray(rng.standard_normal(xs, np.float32))
+    if kind == "dense conv":
+      x = [jnp.asarray(rng.standard_normal(s, np.float32)) for s in xs]
+    else:
+      x = jnp.asarray(rng.standard_normal(xs, np.float32))
     w = jnp.asarray(rng.standard_normal(ws, np.float32) * 0.05)
-    if kind == "conv":
+    if kind == "dense conv":
+      f = lambda x_, w_: conv_ops.conv2d_concat(x_, w_, strides, padding, dilation)
+    elif kind == "conv":
       f = lambda x_, w_: conv_ops.conv2d(x_, w_, strides, padding, dilation)
     else:
       f = lambda x_, w_: lax.conv_transpose(x_, w_, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -114,10 +128,11 @@ def jax_profile(height: int, width: int, batch: int, repeats: int) -> dict[str, 
   return dict(out)
 
 
+# First match wins: the backward class is tested before the forward one (whose names are prefixes of it).
 _TORCH_CLASSES = [
+    ("conv backward (input + weight)", ("convolution_backward",)),
     ("conv forward", ("mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d",
                       "thnn_conv", "slow_conv", "_nnpack", "aten::conv_transpose2d", "aten::conv_")),
-    ("conv backward (input + weight)", ("convolution_backward",)),
     ("concatenation", ("aten::cat",)),
     ("activation", ("leaky_relu",)),
     ("warp (grid_sample)", ("grid_sampler", "grid_sample")),
@@ -200,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
   for k in [k for k in tt if k != "step"]:
     print(f"{'torch: ' + k:34s} {'':9s} {tt[k]:9.3f} {100 * tt[k] / tt['step']:5.1f} %")
   if tt:
-    conv_j = sum(v for k, v in jx.items() if k.startswith(("conv", "deconv")))
+    conv_j = sum(v for k, v in jx.items() if k.startswith(("conv", "deconv", "dense conv")))
     conv_t = sum(v for k, v in tt.items() if k.startswith("conv"))
     print(f"{'all convolutions':34s} {conv_j:9.3f} {conv_t:9.3f}  ratio {conv_j / conv_t:.2f}")
     print(f"{'everything else':34s} {jx['step'] - conv_j:9.3f} {tt['step'] - conv_t:9.3f}  ratio "
