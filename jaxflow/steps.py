@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxflow.metrics import FL_ABS_THRESH, FL_REL_THRESH
 from jaxflow.train_state import TrainState, wrap_key
 
 LossFn = Callable[[dict[str, Any], dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -83,19 +84,22 @@ def eval_sums(flow: jax.Array, gt: jax.Array, valid: jax.Array) -> dict[str, jax
   """Summed evaluation metrics over a batch (float32 scalars; divide by `count` for means).
 
   epe: sum of per-pixel end-point errors over valid pixels; out{t}px: number of valid pixels with EPE > t;
-  zero_epe: the same sum for a zero-flow prediction (the baseline); count: number of valid pixels.
+  fl_all: number of valid pixels that are KITTI outliers (EPE > 3 px and > 5 % of the true flow's length, the
+  rule of jaxflow.metrics); zero_epe: the same EPE sum for a zero-flow prediction (the baseline); count: number
+  of valid pixels.
   """
   valid = valid.astype(jnp.float32)
   err = jnp.linalg.norm(flow.astype(jnp.float32) - gt, axis=-1)
-  sums = {"epe": jnp.sum(err * valid), "count": jnp.sum(valid),
-          "zero_epe": jnp.sum(jnp.linalg.norm(gt, axis=-1) * valid)}
+  speed = jnp.linalg.norm(gt, axis=-1)
+  sums = {"epe": jnp.sum(err * valid), "count": jnp.sum(valid), "zero_epe": jnp.sum(speed * valid)}
   for t in OUTLIER_THRESHOLDS:
     sums[f"out{int(t)}px"] = jnp.sum((err > t).astype(jnp.float32) * valid)
+  sums["fl_all"] = jnp.sum(((err > FL_ABS_THRESH) & (err > FL_REL_THRESH * speed)).astype(jnp.float32) * valid)
   return sums
 
 
 def finalize_sums(sums: dict[str, Any]) -> dict[str, float]:
-  """Means from accumulated `eval_sums`: epe, zero_epe (pixels) and out{t}px (fractions in [0, 1])."""
+  """Means from accumulated `eval_sums`: epe, zero_epe (pixels), out{t}px and fl_all (fractions in [0, 1])."""
   count = float(sums["count"])
   if count <= 0:
     raise ValueError("evaluation saw no valid pixels (count == 0)")
