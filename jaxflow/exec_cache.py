@@ -180,6 +180,8 @@ class CachedFunction:
         compiled = load(path)
         self.timings["load"] = time.perf_counter() - t
         self.hit = True
+        self.log(f"{self.name}: loaded the compiled executable {os.path.basename(path)} "
+                 f"({self.timings['load']:.1f} s; no tracing or compiling)")
         return compiled
       except Exception as e:  # noqa: BLE001 - any load failure falls back to compiling
         self.log(f"{self.name}: could not load {path} ({type(e).__name__}: {e}); compiling instead")
