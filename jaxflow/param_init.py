@@ -31,8 +31,9 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from jaxflow.train_state import init_variables, make_key
 
 # jax.nn.initializers.variance_scaling: stddev of a standard normal truncated to (-2, 2).
 TRUNCATED_NORMAL_STD = 0.87962566103423978
@@ -117,6 +118,19 @@ def path_string(collection: str, path: tuple[str, ...]) -> str:
   return "/".join((collection,) + tuple(path))
 
 
+def _names(kpath: tuple[Any, ...]) -> tuple[str, ...]:
+  """The names of a jax key path of a variables tree (dict keys as strings)."""
+  return tuple(str(getattr(k, "key", k)) for k in kpath)
+
+
+def _leaves(variables: Mapping[str, Any]):
+  """(collection, names, path_string key, leaf) for every leaf of a {collection: tree} mapping."""
+  for collection, tree in variables.items():
+    for kpath, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      names = _names(kpath)
+      yield collection, names, path_string(collection, names), leaf
+
+
 def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int, int], cache_dir: str | None = None
                        ) -> tuple[dict[str, Any], dict[str, InitRule]]:
   """(variables, rules): the model's variables as ShapeDtypeStructs ({'params': ..., 'batch_stats': ...}) from
@@ -153,13 +167,8 @@ def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int, int],
 
 
 def _to_json(variables: Mapping[str, Any], rules: Mapping[str, InitRule]) -> list[list[Any]]:
-  rows = []
-  for collection, tree in variables.items():
-    for kpath, leaf in jax.tree_util.tree_leaves_with_path(tree):
-      names = [str(getattr(k, "key", k)) for k in kpath]
-      rule = rules[path_string(collection, tuple(names))]
-      rows.append([collection, names, list(leaf.shape), np.dtype(leaf.dtype).name, rule.kind, rule.scale])
-  return rows
+  return [[collection, list(names), list(leaf.shape), np.dtype(leaf.dtype).name, rules[key].kind, rules[key].scale]
+          for collection, names, key, leaf in _leaves(variables)]
 
 
 def _from_json(rows: list[list[Any]]) -> tuple[dict[str, Any], dict[str, InitRule]]:
@@ -185,18 +194,13 @@ def _trace_abstract_variables(model: nn.Module, image_shape: tuple[int, int, int
     return next_fun(*args, **kwargs)
 
   def init(key):
-    images = jnp.zeros(image_shape, jnp.float32)
     with nn.intercept_methods(interceptor):
-      return model.init({"params": key}, images, images, train=False)
+      return init_variables(model, key, image_shape)
 
-  variables = jax.eval_shape(init, jax.random.key(0, impl="rbg"))
+  variables = jax.eval_shape(init, make_key(0))
   variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), dict(variables))
-  rules: dict[str, InitRule] = {}
-  for collection, tree in variables.items():
-    for kpath, leaf in jax.tree_util.tree_leaves_with_path(tree):
-      names = tuple(str(getattr(k, "key", k)) for k in kpath)
-      key = path_string(collection, names)
-      rules[key] = _rule_for(modules.get(names[:-1]), collection, names[-1], tuple(leaf.shape), key)
+  rules = {key: _rule_for(modules.get(names[:-1]), collection, names[-1], tuple(leaf.shape), key)
+           for collection, names, key, leaf in _leaves(variables)}
   return variables, rules
 
 
@@ -236,7 +240,7 @@ def host_variables(abstract: Mapping[str, Any], rules: Mapping[str, InitRule], s
   out = {}
   for collection, tree in abstract.items():
     def leaf(kpath, s, collection=collection):
-      key = path_string(collection, tuple(str(getattr(k, "key", k)) for k in kpath))
+      key = path_string(collection, _names(kpath))
       if key not in rules:
         raise ValueError(f"param_init: no rule for variable {key} (shape {s.shape})")
       return draw(rules[key], tuple(s.shape), s.dtype, seed, key)

@@ -108,18 +108,16 @@ def create_train_state(init_fn: Callable[[jax.Array], TrainState], seed: int,
   With `exec_cache_dir` and `cache_key_parts` (what identifies the optimiser, e.g. the run's config), the
   host path's small program goes through jaxflow.exec_cache (a warm start loads it instead of compiling).
   """
+  if method not in ("host", "traced"):
+    raise ValueError(f"create_train_state: method must be 'host' or 'traced', got {method!r}")
   key = make_key(seed)
-  if method == "traced" or not isinstance(init_fn, InitFn):
-    if method not in ("host", "traced"):
-      raise ValueError(f"create_train_state: method must be 'host' or 'traced', got {method!r}")
+  if method == "host" and isinstance(init_fn, InitFn):
+    state = _host_train_state(init_fn, key, seed, sharding, exec_cache_dir, cache_key_parts)
+  else:
     shapes = jax.eval_shape(init_fn, key)
     out_shardings = jax.tree.map(lambda _: sharding, shapes)
     lowered = jax.jit(init_fn, out_shardings=out_shardings).lower(key)
     state = lowered.compile(compiler_options=init_compiler_options(sharding))(key)
-  elif method == "host":
-    state = _host_train_state(init_fn, key, seed, sharding, exec_cache_dir, cache_key_parts)
-  else:
-    raise ValueError(f"create_train_state: method must be 'host' or 'traced', got {method!r}")
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
   return state, abstract
 
