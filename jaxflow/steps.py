@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxflow.metrics import FL_ABS_THRESH, FL_REL_THRESH
+from jaxflow.metrics import fl_outlier_map
 from jaxflow.train_state import TrainState, wrap_key
 
 LossFn = Callable[[dict[str, Any], dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -84,8 +84,8 @@ def eval_sums(flow: jax.Array, gt: jax.Array, valid: jax.Array) -> dict[str, jax
   """Summed evaluation metrics over a batch (float32 scalars; divide by `count` for means).
 
   epe: sum of per-pixel end-point errors over valid pixels; out{t}px: number of valid pixels with EPE > t;
-  fl_all: number of valid pixels that are KITTI outliers (EPE > 3 px and > 5 % of the true flow's length, the
-  rule of jaxflow.metrics); zero_epe: the same EPE sum for a zero-flow prediction (the baseline); count: number
+  fl_all: number of valid pixels that are KITTI outliers (EPE > 3 px and > 5 % of the true flow's length:
+  jaxflow.metrics.fl_outlier_map); zero_epe: the same EPE sum for a zero-flow prediction (the baseline); count: number
   of valid pixels.
   """
   valid = valid.astype(jnp.float32)
@@ -94,7 +94,7 @@ def eval_sums(flow: jax.Array, gt: jax.Array, valid: jax.Array) -> dict[str, jax
   sums = {"epe": jnp.sum(err * valid), "count": jnp.sum(valid), "zero_epe": jnp.sum(speed * valid)}
   for t in OUTLIER_THRESHOLDS:
     sums[f"out{int(t)}px"] = jnp.sum((err > t).astype(jnp.float32) * valid)
-  sums["fl_all"] = jnp.sum(((err > FL_ABS_THRESH) & (err > FL_REL_THRESH * speed)).astype(jnp.float32) * valid)
+  sums["fl_all"] = jnp.sum(fl_outlier_map(flow, gt) * valid)
   return sums
 
 
