@@ -240,14 +240,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   model = model if model is not None else build_model(config)
   image_shape = (1, INIT_SIZE, INIT_SIZE, 3)  # same parameter shapes at any crop; a small abstract trace
-  # Parameter shapes and initialisers from one abstract (traced, never compiled) model.init; values are drawn on
-  # the host by create_train_state (jaxflow.param_init).
   cache_dir = exec_cache.default_dir() if injected_model is None and injected_loss is None else None
   # What the train step and the init program depend on besides their arguments and jaxflow's sources: the
   # model (repr: every field), the loss, the optimiser and its schedule length, the frozen SpyNet levels.
   cache_parts = {"model": repr(model), "loss": config.loss.to_json(sort_keys=True),
                  "optim": config.optim.to_json(sort_keys=True), "total_steps": total_steps,
                  "trainable_levels": tuple(config.trainable_levels)}
+  # Parameter shapes and initialisers from one abstract (traced, never compiled) model.init; values are drawn on
+  # the host by create_train_state (jaxflow.param_init).
   variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
   trainable = None
   if tuple(config.trainable_levels):

@@ -355,7 +355,8 @@ def conv2d_concat(xs: Sequence[jax.Array], w: jax.Array, strides: Sequence[int] 
                   impl: str | None = None) -> jax.Array:
   """`conv2d` of the channel concatenation of xs (each (N, H, W, C_i), one dtype) with w (kh, kw, sum C_i,
   C_out): the same values, but on CPU (impl 'auto' / 'matmul') the concatenation is not saved for the backward
-  pass: the parts are, and the backward pass concatenates them again (a temporary).
+  pass: the parts are. The input gradient is split per part; a stride-1 weight gradient in mode 'blocked' or
+  'concat' reads the parts block by block, any other rebuilds the concatenation as a temporary.
 
   For densely connected layers (PWC-Net's estimators: every conv reads the concatenation of all earlier
   outputs) this keeps each part once in memory instead of once per later conv (PWC-Net level 2: 2,302
