@@ -28,7 +28,9 @@ class Checkpointer:
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # The handler is named up front so that a fresh manager can read a step's metadata before restoring it.
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -48,11 +50,42 @@ class Checkpointer:
       step = self._manager.latest_step()
       if step is None:
         raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    self._check_matches(abstract_state, step)
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f"checkpoint {self.directory}/{step} does not match the model/optimizer of this config "
                        f"(different model fields or optimizer?): {e}") from e
+
+  def _check_matches(self, abstract_state: Any, step: int) -> None:
+    """Raises ValueError naming the first differing leaf path if checkpoint `step` does not fit abstract_state.
+
+    Reads only the checkpoint's metadata (tree structure and array shapes), so a mismatch is reported before
+    any array is read (orbax's own error comes later, from inside its asynchronous reads). A checkpoint whose
+    metadata cannot be read is left to orbax's restore.
+    """
+    try:
+      saved = _leaf_shapes(self._manager.item_metadata(step))
+    except Exception:  # pylint: disable=broad-except
+      return
+    if not saved:
+      return
+    wanted = _leaf_shapes(abstract_state)
+    where = f"checkpoint {self.directory}/{step} does not match the model/optimizer of this config"
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    if missing or extra:
+      parts = []
+      if missing:
+        parts.append(f"{len(missing)} entries of the state are not in the checkpoint (first: {missing[0]})")
+      if extra:
+        parts.append(f"{len(extra)} checkpoint entries are not in the state (first: {extra[0]})")
+      raise ValueError(f"{where}: {'; '.join(parts)} (different model fields or optimizer?)")
+    # Parameters first: their names say most about what differs.
+    for path, shape in sorted(wanted.items(), key=lambda kv: (not kv[0].startswith("params/"), kv[0])):
+      if saved[path] != shape:
+        raise ValueError(f"{where}: {path} has shape {saved[path]} in the checkpoint, {shape} in the state "
+                         "(different model fields?)")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -60,6 +93,15 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/conv1/kernel': shape, ...} of a state, an abstract state or orbax tree metadata (None leaves dropped)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    out["/".join(names)] = tuple(getattr(leaf, "shape", ()))
+  return out
 
 
 def restore_params(workdir: str, abstract_state: Any, step: int | None = None) -> Any:

@@ -51,15 +51,35 @@ def test_restore_into_a_different_model_names_the_checkpoint(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(5, state)
   _, other = _state(features=4)
-  with pytest.raises(ValueError, match=r"checkpoints/5 does not match"):
+  # Named from the checkpoint's metadata before any array is read: the parameter path and both shapes.
+  with pytest.raises(ValueError, match=r"checkpoints/5 does not match.*params/Conv_0/bias has shape \(8,\) in the "
+                     r"checkpoint, \(4,\) in the state"):
+    ckpt.restore(other)
+  ckpt.close()
+
+
+def test_restore_with_another_optimizer_names_the_missing_entries(tmp_path):
+  state, _ = _state()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(2, state)
+  mesh = parallel.make_mesh()
+  clipped = optim.default_config()
+  clipped.clip_grad_norm = 1.0  # one more transformation in the chain: Adam's state moves to another index
+  _, other = create_train_state(make_init_fn(th.TinyFlow(features=8), optim.make_optimizer(clipped, 10),
+                                             (1, 16, 16, 3)), 0, parallel.replicated(mesh))
+  with pytest.raises(ValueError, match=r"checkpoints/2 does not match.*entries of the state are not in the "
+                     r"checkpoint \(first: opt_state/2/mu/Conv_0/bias\).*checkpoint entries are not in the state "
+                     r"\(first: opt_state/1/count\)"):
     ckpt.restore(other)
   ckpt.close()
 
 
 def test_restore_without_checkpoint_is_an_error(tmp_path):
   _, abstract = _state()
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-    checkpointing.Checkpointer(str(tmp_path)).restore(abstract)
+    ckpt.restore(abstract)
+  ckpt.close()
 
 
 def test_config_json(tmp_path):
