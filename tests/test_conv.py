@@ -66,6 +66,7 @@ def test_conv2d_values_and_grads_match_lax(case, monkeypatch):
   reached: small channel products -> lax, 40x40 -> blocked at stride 1 and scan at stride 2, C_out <= 8 at
   stride 1 -> concat; the size threshold is lowered so that these small inputs take the matmul paths)."""
   monkeypatch.setattr(conv_ops, "_MIN_TAP_MACS", 0)
+  monkeypatch.setattr(conv_ops, "_IM2COL_MAX_POSITIONS", 0)  # the patch product has its own tests
   h, w, cin, cout, k, s, pad, d = case
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, h, w, cin)), jnp.float32)
@@ -142,6 +143,7 @@ def test_layers_conv_same_params_and_values_as_nn_conv(monkeypatch):
   """layers.conv keeps nn.Conv's parameter tree (names, shapes, init values) and forward values; its kernel
   gradient (taken by the matmul scan here) equals the one through plain lax."""
   monkeypatch.setattr(conv_ops, "_MIN_TAP_MACS", 0)
+  monkeypatch.setattr(conv_ops, "_IM2COL_MAX_POSITIONS", 0)
   assert conv_ops.weight_grad_mode(40, 48, (2, 2), 2 * 8 * 8) == "scan"
   x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 16, 16, 40)), jnp.float32)
   ours = layers.conv(48, 3, stride=2, name="c")
@@ -230,3 +232,133 @@ def test_concat_conv_has_nn_conv_parameters_and_values():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_allclose(np.asarray(ours.apply(v1, parts)), np.asarray(plain.apply(v2, x)), rtol=1e-6,
                              atol=1e-6)
+
+
+def numpy_conv(x, w, s, padding, d):
+  """Cross-correlation by explicit loops over taps, float64: (N, Ho, Wo, C_out)."""
+  (t, b), (l, r) = padding
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (t, b), (l, r), (0, 0)))
+  kh, kw = w.shape[:2]
+  ho = (xp.shape[1] - d[0] * (kh - 1) - 1) // s[0] + 1
+  wo = (xp.shape[2] - d[1] * (kw - 1) - 1) // s[1] + 1
+  out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+  for i in range(kh):
+    for j in range(kw):
+      win = xp[:, d[0] * i: d[0] * i + s[0] * (ho - 1) + 1: s[0], d[1] * j: d[1] * j + s[1] * (wo - 1) + 1: s[1]]
+      out += np.einsum("nhwc,co->nhwo", win, np.asarray(w[i, j], np.float64))
+  return out
+
+
+def numpy_conv_transpose(x, w, s, padding):
+  """lax.conv_transpose (transpose_kernel=False) by scattering: input pixel y with tap i adds x[y] @ w[i] at
+  output s*y + lo - i (dropped outside), float64."""
+  n, h, wd, _ = x.shape
+  kh, kw, _, cout = w.shape
+  (t, b), (l, r) = padding
+  ho, wo = (h - 1) * s[0] + 1 + t + b - kh + 1, (wd - 1) * s[1] + 1 + l + r - kw + 1
+  out = np.zeros((n, ho, wo, cout))
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  for y in range(h):
+    for xx in range(wd):
+      for i in range(kh):
+        for j in range(kw):
+          oy, ox = s[0] * y + t - i, s[1] * xx + l - j
+          if 0 <= oy < ho and 0 <= ox < wo:
+            out[:, oy, ox] += x[:, y, xx] @ w[i, j]
+  return out
+
+
+# (x shape, kernel shape, strides, padding, dilation): odd sizes, strides 1-3, asymmetric padding, dilation.
+IM2COL_CASES = [((2, 5, 7, 3), (3, 3, 3, 12), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+                ((2, 9, 6, 4), (3, 2, 4, 10), (2, 2), ((1, 0), (2, 1)), (1, 1)),
+                ((1, 8, 9, 5), (3, 3, 5, 16), (1, 1), ((2, 2), (2, 2)), (2, 2)),
+                ((2, 7, 7, 3), (5, 5, 3, 9), (2, 3), ((2, 2), (0, 2)), (1, 1))]
+
+
+@pytest.mark.parametrize("xs,ws,s,padding,d", IM2COL_CASES)
+def test_conv2d_im2col_values_and_grads(xs, ws, s, padding, d):
+  """The patch product equals a numpy loop over taps; its (x, w) gradients equal lax autodiff's."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=xs), jnp.float32)
+  wt = jnp.asarray(rng.normal(size=ws) * 0.3, jnp.float32)
+  got = conv_ops.conv2d_im2col(x, wt, s, padding, d)
+  np.testing.assert_allclose(np.asarray(got), numpy_conv(x, wt, s, padding, d), rtol=1e-5, atol=1e-5)
+  ref = lambda x_, w_: lax.conv_general_dilated(x_, w_, s, padding, rhs_dilation=d, dimension_numbers=DN)
+  loss = lambda f: jax.grad(lambda x_, w_: jnp.sum(jnp.sin(f(x_, w_))), (0, 1))
+  (gx, gw), (rx, rw) = loss(lambda a, b: conv_ops.conv2d_im2col(a, b, s, padding, d))(x, wt), loss(ref)(x, wt)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-5, atol=1e-4)
+
+
+def test_conv2d_takes_the_patch_product_only_for_few_positions_and_many_channels(monkeypatch):
+  """Selection: few output positions with C_out > 8 -> conv2d_im2col (called through conv2d and
+  conv2d_concat, same values as lax); more positions, or C_out <= 8, or impl 'lax' -> not."""
+  calls = []
+  orig = conv_ops.conv2d_im2col
+  monkeypatch.setattr(conv_ops, "conv2d_im2col", lambda *a: calls.append(a[0].shape) or orig(*a))
+  rng = np.random.default_rng(6)
+  pad = ((1, 1), (1, 1))
+  x = jnp.asarray(rng.normal(size=(2, 4, 6, 20)), jnp.float32)
+  wt = jnp.asarray(rng.normal(size=(3, 3, 20, 16)) * 0.2, jnp.float32)
+  y = conv_ops.conv2d(x, wt, (1, 1), pad, impl="matmul")
+  assert calls == [(2, 4, 6, 20)]
+  np.testing.assert_allclose(np.asarray(y), np.asarray(lax_conv(x, wt, 1, 1, 1)), rtol=1e-5, atol=1e-5)
+  y = conv_ops.conv2d_concat([x[..., :7], x[..., 7:]], wt, (1, 1), pad, impl="matmul")
+  assert calls[-1] == (2, 4, 6, 20)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(lax_conv(x, wt, 1, 1, 1)), rtol=1e-5, atol=1e-5)
+  calls.clear()
+  conv_ops.conv2d(x, wt[..., :8], (1, 1), pad, impl="matmul")  # C_out 8
+  conv_ops.conv2d(x, wt, (1, 1), pad, impl="lax")
+  monkeypatch.setattr(conv_ops, "_IM2COL_MAX_POSITIONS", 2 * 4 * 6 - 1)
+  conv_ops.conv2d(x, wt, (1, 1), pad, impl="matmul")  # one position too many
+  assert calls == []
+
+
+# (x shape, kernel shape, strides, padding): FlowNet / PWC-Net's 4x4 / 2 with padding 2 (doubles the size),
+# odd sizes, asymmetric padding, stride 1 and 3, a 3x3 kernel.
+TCONV_CASES = [((2, 3, 5, 4), (4, 4, 4, 3), (2, 2), ((2, 2), (2, 2))),
+               ((1, 4, 3, 2), (3, 3, 2, 5), (2, 2), ((1, 2), (2, 1))),
+               ((2, 3, 3, 2), (4, 4, 2, 2), (1, 1), ((0, 3), (1, 1))),
+               ((1, 3, 4, 3), (3, 4, 3, 2), (3, 2), ((0, 0), (3, 1)))]
+
+
+@pytest.mark.parametrize("xs,ws,s,padding", TCONV_CASES)
+def test_conv_transpose2d_matmul_values_and_grads(xs, ws, s, padding):
+  """The product + overlap-add equals a numpy scatter of each input pixel's taps and lax.conv_transpose;
+  its (x, w) gradients equal lax autodiff's."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=xs), jnp.float32)
+  wt = jnp.asarray(rng.normal(size=ws) * 0.3, jnp.float32)
+  got = conv_ops.conv_transpose2d_matmul(x, wt, s, padding)
+  ref = lambda x_, w_: lax.conv_transpose(x_, w_, s, padding, dimension_numbers=DN)
+  assert got.shape == ref(x, wt).shape
+  np.testing.assert_allclose(np.asarray(got), numpy_conv_transpose(x, wt, s, padding), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref(x, wt)), rtol=1e-5, atol=1e-5)
+  loss = lambda f: jax.grad(lambda x_, w_: jnp.sum(jnp.sin(f(x_, w_))), (0, 1))
+  (gx, gw), (rx, rw) = loss(lambda a, b: conv_ops.conv_transpose2d_matmul(a, b, s, padding))(x, wt), loss(ref)(x, wt)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-5, atol=1e-4)
+
+
+def test_layers_conv_transpose_has_nn_conv_transpose_parameters_and_values():
+  """layers.deconv (layers.ConvTranspose) keeps nn.ConvTranspose's parameter tree and init values (converted
+  checkpoints load), forward values and gradients; doubles the size; bad inputs name the shapes."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(2, 5, 6, 12)), jnp.float32)
+  ours = layers.deconv(10, name="d")
+  plain = nn.ConvTranspose(10, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), kernel_init=layers.kaiming,
+                           name="d")
+  v1, v2 = ours.init(jax.random.key(0), x), plain.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, v1) == jax.tree.map(jnp.shape, v2)
+  for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  v2 = jax.tree.map(lambda a: a + 0.1, v2)  # a non-zero bias
+  y = ours.apply(v2, x)
+  assert y.shape == (2, 10, 12, 10)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(plain.apply(v2, x)), rtol=1e-5, atol=1e-5)
+  g1 = jax.grad(lambda v: jnp.sum(jnp.sin(ours.apply(v, x))))(v2)
+  g2 = jax.grad(lambda v: jnp.sum(jnp.sin(plain.apply(v, x))))(v2)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match=r"conv_transpose2d: .*\(2, 5, 6, 12\) and \(4, 4, 3, 10\)"):
+    conv_ops.conv_transpose2d(x, jnp.zeros((4, 4, 3, 10)), (2, 2), ((2, 2), (2, 2)))

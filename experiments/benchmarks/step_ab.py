@@ -5,7 +5,9 @@ in one process (robust to the load of a shared machine): wall and process-CPU se
 
 Prints per variant: compile seconds, median step wall / CPU seconds, pairs/s, and the ratio B / A
 (A = 'lax': XLA's convolution gradients; B = 'matmul': jaxflow.ops.conv's matmul weight gradient; also
-'matmul-scan': the matmul weight gradient with the per-tap scan at stride 1 instead of the blocked product).
+'matmul-scan': the matmul weight gradient with the per-tap scan at stride 1 instead of the blocked product;
+'matmul-s4': session 4's CPU path, without the patch product for small convolutions and with XLA's transposed
+convolutions).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import numpy as np
 
 
 def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype: str = "float32",
-          model_overrides: dict | None = None, lower_only: bool = False):
+          model_overrides: dict | None = None, lower_only: bool = False, loss_overrides: dict | None = None,
+          optim_overrides: dict | None = None):
   """The jitted training step (state donated) on random inputs: (compiled, state, batch, compile seconds), or
-  (jitted step, state, batch) with lower_only."""
+  (jitted step, state, batch) with lower_only. loss_overrides / optim_overrides: fields set on the default
+  loss / optimiser configs (e.g. a model config's, as train_throughput.py uses)."""
   from jaxflow import losses, optim
   from jaxflow import steps as steps_lib
   from jaxflow.models import get_model
@@ -31,7 +35,10 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   from jaxflow.train_state import INIT_SIZE, create_train_state, make_init_fn
   # 'matmul-scan': the matmul weight gradient with the per-tap scan for stride 1 (the default before 'blocked').
   conv_ops._STRIDE1_MODE = "scan" if impl == "matmul-scan" else "blocked"
-  impl = "matmul" if impl == "matmul-scan" else impl
+  # 'matmul-s4': session 4's CPU path (no patch product for small convolutions, XLA's transposed convolutions).
+  conv_ops._IM2COL_MAX_POSITIONS = 0 if impl == "matmul-s4" else 1536
+  conv_ops._MATMUL_TRANSPOSE = impl != "matmul-s4"
+  impl = "matmul" if impl in ("matmul-scan", "matmul-s4") else impl
   conv_ops.set_default_impl(impl)
   model = get_model(model_name, dtype=dtype, **(model_overrides or {}))
   shape = (batch, height, width, 3)
@@ -42,7 +49,12 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
       jax.random.key(0), host["image1"][:1], host["image2"][:1])[0])["flows"])
   loss_cfg = losses.default_config()
   loss_cfg.weights = losses.FLOWNET_WEIGHTS if n_levels == 5 else (1.0,) * n_levels
-  tx = optim.make_optimizer(optim.default_config(), 1000)
+  if loss_overrides:
+    loss_cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in loss_overrides.items()})
+  optim_cfg = optim.default_config()
+  if optim_overrides:
+    optim_cfg.update(optim_overrides)
+  tx = optim.make_optimizer(optim_cfg, 1000)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   state, _ = create_train_state(make_init_fn(model, tx, (1, INIT_SIZE, INIT_SIZE, 3)), 0, dev)
   step = jax.jit(steps_lib.make_train_step(model, tx, functools.partial(losses.compute_loss, loss_cfg)),
@@ -50,12 +62,14 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   batch_arrays = jax.device_put(host, dev)
   if lower_only:
     conv_ops.set_default_impl("auto")
+    conv_ops._IM2COL_MAX_POSITIONS, conv_ops._MATMUL_TRANSPOSE = 1536, True
     return step, state, batch_arrays
   t = time.perf_counter()
   compiled = step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - t
   conv_ops.set_default_impl("auto")
   conv_ops._STRIDE1_MODE = "blocked"
+  conv_ops._IM2COL_MAX_POSITIONS, conv_ops._MATMUL_TRANSPOSE = 1536, True
   return compiled, state, batch_arrays, compile_s
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxflow.ops import resize_flow
-from jaxflow.ops.conv import conv2d_concat, flax_conv_general_dilated
+from jaxflow.ops.conv import conv2d_concat, conv_transpose2d, flax_conv_general_dilated
 
 # FlowNet/PWC-Net use MSRA (He) initialisation in the released Caffe/PyTorch code.
 kaiming = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -63,15 +63,40 @@ class ConcatConv(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+class ConvTranspose(nn.Module):
+  """`nn.ConvTranspose` (2-D, explicit padding, transpose_kernel=False) with the same parameters ('kernel'
+  (kh, kw, C_in, features) float32, 'bias' (features,) zeros) and values, computed by
+  jaxflow.ops.conv.conv_transpose2d: on CPU one matrix product and an overlap-add, whose gradients are matmuls
+  (XLA:CPU's own transposed-convolution weight gradient ran at 2-5 GFLOP per CPU-second); XLA's elsewhere.
+  """
+  features: int
+  kernel_size: tuple[int, int] = (4, 4)
+  strides: tuple[int, int] = (2, 2)
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((2, 2), (2, 2))
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  kernel_init: Any = kaiming
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x (B, h, w, C_in) -> (B, h', w', features) in the compute dtype (h' = (h-1)*s + 1 + pads - k + 1)."""
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
+    y = conv_transpose2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+    return y
+
+
 def deconv(features: int, kernel: int = 4, stride: int = 2, *, dtype: Any = jnp.float32,
-           use_bias: bool = True, name: str | None = None) -> nn.ConvTranspose:
+           use_bias: bool = True, name: str | None = None) -> ConvTranspose:
   """A transposed convolution that exactly doubles the size for kernel 4, stride 2 (PyTorch padding=1)."""
   # PyTorch ConvTranspose2d(k=4, s=2, p=1) output = 2 * input; in lax terms the dilated input is padded by
   # k - 1 - p = 2 on each side.
   pad = kernel - 1 - (kernel - stride) // 2
-  return nn.ConvTranspose(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                          use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kaiming,
-                          name=name)
+  return ConvTranspose(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                       use_bias=use_bias, dtype=dtype, name=name)
 
 
 def check_image_pair(image1: Any, image2: Any, model: str) -> None:
@@ -121,5 +146,5 @@ def upsample_to_input(flow: jax.Array, input_size: tuple[int, int]) -> jax.Array
   return jax.image.resize(flow, (b, input_size[0], input_size[1], 2), method="bilinear", antialias=False)
 
 
-__all__ = ["ConcatConv", "check_image_pair", "conv", "deconv", "fit_to_multiple", "flows_to_input_units", "kaiming",
+__all__ = ["ConcatConv", "ConvTranspose", "check_image_pair", "conv", "deconv", "fit_to_multiple", "flows_to_input_units", "kaiming",
            "leaky_relu", "resize_flow", "upsample_to_input"]

@@ -18,6 +18,12 @@ one padded copy of g per tap (freed after its product); nothing tap x channel x 
 Numerics: the same sums in a different order (float32 products and accumulation; bfloat16 inputs accumulate
 in float32 and the gradient is returned in the kernel's dtype). Tested against lax's own gradient.
 
+Small problems (`conv2d_im2col`): with at most _IM2COL_MAX_POSITIONS output positions and more than 8 output
+channels (FlowNet's conv4-conv6 at 2x2 .. 8x8, PWC-Net's coarse levels) the CPU convolution is one product of
+its patch matrix with the kernel, differentiated by jax: XLA:CPU's own convolution and its input gradient ran
+at 0.5-20 GFLOP per CPU-second there. Transposed convolutions (`conv_transpose2d`, the models' deconvs) are
+one product and an overlap-add on CPU, for the same reason (XLA's weight gradient: 2-5 GFLOP per CPU-second).
+
 Selection: `conv2d(..., impl=None)` uses the matmul weight gradient on the CPU backend and plain lax elsewhere
 (GPU/TPU convolution gradients are native and fast). `set_default_impl('lax' | 'matmul' | 'auto')` overrides it
 process-wide (tests, benchmarks).
@@ -231,6 +237,88 @@ def _weight_grad_blocked(xs: Sequence[jax.Array], gp: jax.Array, offsets: Sequen
   return jnp.transpose(total.reshape(cin, kernel_hw[0], kernel_hw[1], cout), (1, 2, 0, 3))
 
 
+def conv2d_im2col(x: jax.Array, w: jax.Array, strides: Sequence[int], padding: Sequence[tuple[int, int]],
+                  dilation: Sequence[int]) -> jax.Array:
+  """The convolution as one matrix product of its patches (N*Ho*Wo, kh*kw*C_in) with the kernel (kh*kw*C_in,
+  C_out), in plain jnp: its autodiff is two more products (dW = patches^T @ g, d patches = g @ W^T) and the
+  overlap-add of the patch gradient back onto x (the transpose of the strided slices: pads and adds).
+
+  For few output positions with many channels (FlowNet's conv5-conv6 at 2x2 .. 8x8): there XLA:CPU's own
+  convolution and its input gradient ran at 0.5-20 GFLOP per CPU-second (step_profile.py), the product at
+  matmul speed; the patch matrix is kh*kw times the (tiny) input. Same arguments and values as `conv2d`
+  (float32 accumulation; the sums in another order). x (N, H, W, C_in), w (kh, kw, C_in, C_out) ->
+  (N, Ho, Wo, C_out).
+  """
+  n, h, wd, cin = x.shape
+  kh, kw, _, cout = w.shape
+  (sy, sx), (dy, dx) = strides, dilation
+  ho = (h + padding[0][0] + padding[0][1] - dy * (kh - 1) - 1) // sy + 1
+  wo = (wd + padding[1][0] + padding[1][1] - dx * (kw - 1) - 1) // sx + 1
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  cols = [lax.slice(xp, (0, dy * i, dx * j, 0), (n, dy * i + sy * (ho - 1) + 1, dx * j + sx * (wo - 1) + 1, cin),
+                    (1, sy, sx, 1)) for i in range(kh) for j in range(kw)]
+  patches = (cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)).reshape(n * ho * wo, kh * kw * cin)
+  acc = jnp.result_type(jnp.float32, x.dtype, w.dtype)
+  y = jnp.matmul(patches, w.reshape(kh * kw * cin, cout), preferred_element_type=acc)
+  return y.astype(jnp.result_type(x.dtype, w.dtype)).reshape(n, ho, wo, cout)
+
+
+def conv_transpose2d_matmul(x: jax.Array, w: jax.Array, strides: Sequence[int],
+                            padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """`lax.conv_transpose(x, w, strides, padding, dimension_numbers=NHWC/HWIO/NHWC)` (transpose_kernel=False,
+  i.e. a stride-1 convolution of x dilated by the strides, padded by `padding`, with w) as one matrix product
+  and an overlap-add, in plain jnp.
+
+  Input pixel y with tap t = (i, j) lands on output o = s*y + lo - t (per axis), so the product
+  Z = x (N*H*W, C_in) @ w (C_in, kh*kw*C_out) holds every contribution, and the output is the sum over taps of
+  Z's tap slice spread onto the output grid (lax.pad with s-1 interior zeros, offsets lo - t: negative pads
+  crop). Autodiff then gives the weight gradient x^T @ G and the input gradient G @ w^T with G the taps'
+  strided slices of the output gradient side by side: matmuls instead of XLA:CPU's generic transposed
+  convolution (FlowNet's deconv5 1024 -> 512 at 2x2 ran at 0.1 GFLOP per CPU-second, the weight gradients of
+  the others at 0.4-0.6; step_profile.py).
+
+  x (N, H, W, C_in), w (kh, kw, C_in, C_out), explicit non-negative padding ((lo, hi), (lo, hi)) in lax's
+  convention; returns (N, (H-1)*sy + 1 + lo + hi - kh + 1, ..., C_out), float32 accumulation.
+  """
+  n, h, wd, cin = x.shape
+  kh, kw, _, cout = w.shape
+  (sy, sx) = strides
+  ho = (h - 1) * sy + 1 + padding[0][0] + padding[0][1] - kh + 1
+  wo = (wd - 1) * sx + 1 + padding[1][0] + padding[1][1] - kw + 1
+  acc = jnp.result_type(jnp.float32, x.dtype, w.dtype)
+  wm = jnp.transpose(w, (2, 0, 1, 3)).reshape(cin, kh * kw * cout)
+  z = jnp.matmul(x.reshape(n * h * wd, cin), wm, preferred_element_type=acc).reshape(n, h, wd, kh * kw, cout)
+  zero = jnp.zeros((), acc)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      lo_y, lo_x = padding[0][0] - i, padding[1][0] - j
+      cfg = ((0, 0, 0), (lo_y, ho - lo_y - (h - 1) * sy - 1, sy - 1), (lo_x, wo - lo_x - (wd - 1) * sx - 1, sx - 1),
+             (0, 0, 0))
+      part = lax.pad(z[:, :, :, i * kw + j, :], zero, cfg)
+      y = part if y is None else y + part
+  return y.astype(jnp.result_type(x.dtype, w.dtype))
+
+
+# Benchmarks set False to time XLA's transposed convolution inside the model (step_ab's 'matmul-s4' variant).
+_MATMUL_TRANSPOSE = True
+
+
+def conv_transpose2d(x: jax.Array, w: jax.Array, strides: Sequence[int], padding: Sequence[tuple[int, int]], *,
+                     impl: str | None = None) -> jax.Array:
+  """Transposed 2-D convolution with lax.conv_transpose's values (NHWC / HWIO, transpose_kernel=False,
+  explicit padding): on CPU (impl 'auto' / 'matmul') `conv_transpose2d_matmul`, else XLA's own.
+  x (N, H, W, C_in), w (kh, kw, C_in, C_out) -> (N, Ho, Wo, C_out)."""
+  if x.ndim != 4 or w.ndim != 4 or x.shape[-1] != w.shape[2]:
+    raise ValueError(f"conv_transpose2d: expected x (N, H, W, C_in) and w (kh, kw, C_in, C_out) with matching "
+                     f"C_in, got shapes {x.shape} and {w.shape}")
+  strides, padding, _ = _normalise(strides, padding, (1, 1))
+  if _resolve(impl) == "lax" or (impl is None and (w.shape[2] * w.shape[3] < 64 or not _MATMUL_TRANSPOSE)):
+    # (2 -> 2 flow upsampling: XLA's is as fast, 0.4 vs 0.7 CPU-ms at 16x16 b4.)
+    return lax.conv_transpose(x, w, strides, padding, dimension_numbers=_DN)
+  return conv_transpose2d_matmul(x, w, strides, padding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_matmul_grad(x, w, strides, padding, dilation):
   return _lax_conv(x, w, strides, padding, dilation)
@@ -280,6 +368,24 @@ def _conv_bwd(strides, padding, dilation, res, g):
 _conv_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
+# At most this many output positions (N * Ho * Wo) a CPU convolution is one product of its patch matrix
+# (`conv2d_im2col`, autodiff for both gradients) instead of XLA's convolution (conv_small.py, forward + both
+# gradients, CPU time: 1024 -> 1024 at 2x2 b4 17.7x faster, 512 -> 1024 /2 at 4x4 b4 20x, 512 -> 512 at 8x8 b4
+# 1.55x, 256 -> 256 at 16x16 b4 (1,024 positions) 1.08x, 512 -> 512 at 12x14 b8 (1,344) 1.07x; at 24x28 b8
+# (5,376) 0.81x, i.e. slower).
+_IM2COL_MAX_POSITIONS = 1536
+
+
+def _use_im2col(x_shape, w_shape, strides, padding, dilation) -> bool:
+  """Whether `conv2d` takes the patch-matrix product for this problem (few output positions, see above)."""
+  n, h, w = x_shape[:3]
+  ho = (h + padding[0][0] + padding[0][1] - dilation[0] * (w_shape[0] - 1) - 1) // strides[0] + 1
+  wo = (w + padding[1][0] + padding[1][1] - dilation[1] * (w_shape[1] - 1) - 1) // strides[1] + 1
+  # Few output channels (predict_flow: C_out 2) stay on the other path: there the patch matrix is the larger
+  # operand (386 -> 2 at 16x16 b4: 14.7 against 2.5 CPU-ms for the three passes).
+  return n * ho * wo <= _IM2COL_MAX_POSITIONS and w_shape[3] > 8
+
+
 def _normalise(strides, padding, dilation) -> tuple[tuple[int, int], tuple[tuple[int, int], ...], tuple[int, int]]:
   strides = tuple(int(s) for s in strides)
   dilation = tuple(int(d) for d in (dilation if dilation is not None else (1, 1)))
@@ -311,6 +417,8 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
   strides, padding, dilation = _normalise(strides, padding, dilation)
   if _resolve(impl) == "lax":
     return _lax_conv(x, w, strides, padding, dilation)
+  if _use_im2col(x.shape, w.shape, strides, padding, dilation):
+    return conv2d_im2col(x, w, strides, padding, dilation)
   return _conv_matmul_grad(x, w, strides, padding, dilation)
 
 
@@ -378,6 +486,9 @@ def conv2d_concat(xs: Sequence[jax.Array], w: jax.Array, strides: Sequence[int] 
     return conv2d(xs[0], w, strides, padding, dilation, impl=impl)
   if _resolve(impl) == "lax":
     return _lax_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation)
+  if _use_im2col(xs[0].shape, w.shape, strides, padding, dilation):
+    # Few positions: the concatenation is small, and the patch product beats XLA's convolution.
+    return conv2d_im2col(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation)
   return _conv_of_concat(xs, w, strides, padding, dilation)
 
 
@@ -396,5 +507,6 @@ def flax_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=No
   return conv2d(lhs, rhs, window_strides, padding, rhs_dilation or (1, 1), impl="matmul")
 
 
-__all__ = ["conv2d", "conv2d_concat", "flax_conv_general_dilated", "get_default_impl", "set_default_impl",
-           "weight_grad_matmul", "weight_grad_mode"]
+__all__ = ["conv2d", "conv2d_concat", "conv2d_im2col", "conv_transpose2d", "conv_transpose2d_matmul",
+           "flax_conv_general_dilated", "get_default_impl", "set_default_impl", "weight_grad_matmul",
+           "weight_grad_mode"]
