@@ -19,6 +19,20 @@ rename), except when that compile was itself a hit of JAX's persistent cache: on
 executable does not serialize again (the entry would fail at run time), so it is not stored. A later call whose arguments do not have the first call's signature goes to the plain jitted function.
 Only single-process runs use the cache (a multi-process executable must be compiled collectively).
 
+Size bound: after every store, the oldest-used entries of the directory are deleted until it holds at most
+`max_bytes` (default 2 GiB; $JAXFLOW_EXEC_CACHE_MAX_BYTES, e.g. '500M', '4G', 'none' for no bound). A hit marks
+its entry as used (mtime), so eviction is least-recently-used; the entry just written is never evicted.
+
+Several processes may share a directory (a sweep, concurrent runs): every write goes to a private temp file that
+is fsynced and renamed over the entry (a reader sees the old or the new complete file, never a partial one; of
+concurrent writers of one key the last rename wins), a payload checksum guards the load, and an entry deleted
+by another process's eviction between the lookup and the read is a plain miss.
+
+Background load (`prefetch`): loading a large executable costs XLA:CPU ~1-1.5 CPU-s (it re-links ~900 object
+files) with the GIL released, so a caller that knows the name and key parts early starts the load in a thread
+(`prefetch(...)`), builds its state meanwhile, and hands the handle to `CachedFunction(prefetched=...)`: the
+entry the same (name, key parts, environment) used last is loaded and used if the arguments' key matches.
+
 Entries are pickles of executables: load only from a directory you trust (as with JAX's own cache).
 """
 
@@ -29,12 +43,17 @@ import json
 import os
 import pickle
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Mapping
 
 import jax
 
-FORMAT = 2
+FORMAT = 3
+DEFAULT_MAX_BYTES = 2 * 1024 ** 3
+MAX_BYTES_ENV = "JAXFLOW_EXEC_CACHE_MAX_BYTES"
+TEMP_PREFIX = ".tmp-"
+STALE_TEMP_SECS = 3600.0  # a temp file this old belongs to a writer that died: removed by eviction
 PERSISTENT_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _CONFIG_NAMES = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl", "jax_numpy_rank_promotion",
                  "jax_threefry_partitionable", "jax_use_shardy_partitioner", "jax_dynamic_shapes",
@@ -113,11 +132,163 @@ def environment() -> dict[str, Any]:
 def cache_key(name: str, args: tuple[Any, ...], key_parts: Mapping[str, Any],
               compiler_options: Mapping[str, Any] | None = None) -> str:
   """sha256 hex of (name, argument signature, key_parts, environment, compiler options)."""
-  blob = json.dumps({"name": name, "signature": signature(args), "key_parts": {k: str(v) for k, v in key_parts.items()},
+  return _key_from_signature(name, signature(args), key_parts, compiler_options)
+
+
+def _key_from_signature(name: str, sig: str | None, key_parts: Mapping[str, Any],
+                        compiler_options: Mapping[str, Any] | None) -> str:
+  blob = json.dumps({"name": name, "signature": sig, "key_parts": {k: str(v) for k, v in key_parts.items()},
                      "environment": environment(),
                      "compiler_options": {k: str(v) for k, v in (compiler_options or {}).items()}},
                     sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def entry_path(cache_dir: str, name: str, key: str) -> str:
+  return os.path.join(cache_dir, f"{name}-{key[:40]}.jaxexec")
+
+
+def _last_used_path(cache_dir: str, name: str, key_parts: Mapping[str, Any],
+                    compiler_options: Mapping[str, Any] | None) -> str:
+  """The small file naming the key last used by (name, key parts, environment, options) with any arguments."""
+  return os.path.join(cache_dir, f"{name}-{_key_from_signature(name, None, key_parts, compiler_options)[:40]}.last")
+
+
+def parse_size(text: str | int | None) -> int | None:
+  """Bytes from '2147483648', '500M', '4G', '64k' (binary units); None for None, '', 'none', 'unbounded'."""
+  if text is None or isinstance(text, int):
+    return text
+  t = str(text).strip().lower()
+  if t in ("", "none", "unbounded", "inf"):
+    return None
+  units = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+  mult = 1
+  if t[-1:] == "b":
+    t = t[:-1]
+  if t[-1:] in units:
+    mult, t = units[t[-1]], t[:-1]
+  try:
+    value = float(t) * mult
+  except ValueError:
+    raise ValueError(f"{MAX_BYTES_ENV}={text!r}: expected a size like 2147483648, 500M or 4G, or 'none'") from None
+  if value < 0:
+    raise ValueError(f"{MAX_BYTES_ENV}={text!r}: a size must not be negative")
+  return int(value)
+
+
+def max_bytes_from_env() -> int | None:
+  """The cache's size bound: $JAXFLOW_EXEC_CACHE_MAX_BYTES if set, else DEFAULT_MAX_BYTES (None: unbounded)."""
+  raw = os.environ.get(MAX_BYTES_ENV)
+  return DEFAULT_MAX_BYTES if raw is None else parse_size(raw)
+
+
+def touch(path: str) -> None:
+  """Marks an entry as just used (its mtime orders least-recently-used eviction); gone or read-only: ignored."""
+  try:
+    os.utime(path)
+  except OSError:
+    pass
+
+
+def evict(cache_dir: str, max_bytes: int | None, keep: tuple[str, ...] = ()) -> list[str]:
+  """Deletes the least recently used files of `cache_dir` (oldest mtime first) until the rest total at most
+  `max_bytes`; never the paths in `keep`. Temp files of writers dead for over STALE_TEMP_SECS go too. Safe
+  against other processes evicting or writing at the same time (a file already gone is skipped).
+  Returns the removed paths."""
+  removed = []
+  entries = []
+  now = time.time()
+  keep_abs = {os.path.abspath(k) for k in keep}
+  try:
+    names = os.listdir(cache_dir)
+  except FileNotFoundError:
+    return removed
+  for name in names:
+    path = os.path.join(cache_dir, name)
+    try:
+      st = os.stat(path)
+    except FileNotFoundError:
+      continue
+    if not os.path.isfile(path):
+      continue
+    if name.startswith(TEMP_PREFIX):
+      if now - st.st_mtime > STALE_TEMP_SECS:
+        _unlink(path, removed)
+      continue  # a live writer's file: neither counted nor deleted
+    entries.append((st.st_mtime, name, path, st.st_size))
+  if max_bytes is None:
+    return removed
+  total = sum(e[3] for e in entries)
+  for _, _, path, size in sorted(entries):
+    if total <= max_bytes:
+      break
+    if os.path.abspath(path) in keep_abs:
+      continue
+    if _unlink(path, removed):
+      total -= size
+  return removed
+
+
+def _unlink(path: str, removed: list[str]) -> bool:
+  try:
+    os.unlink(path)
+  except FileNotFoundError:
+    return False
+  removed.append(path)
+  return True
+
+
+class Prefetch:
+  """A background load of the entry (name, key parts, environment, options) used last; see `prefetch`."""
+
+  def __init__(self, name: str, key_parts: Mapping[str, Any], cache_dir: str,
+               compiler_options: Mapping[str, Any] | None = None):
+    self.name, self.cache_dir = name, cache_dir
+    self.key: str | None = None
+    self.compiled: Any = None
+    self.error: BaseException | None = None
+    self.seconds = 0.0
+    self._thread: threading.Thread | None = None
+    last = _last_used_path(cache_dir, name, key_parts, compiler_options)
+    try:
+      with open(last) as f:
+        self.key = f.read().strip() or None
+    except OSError:
+      return
+    path = entry_path(cache_dir, name, self.key)
+    if not os.path.exists(path):
+      self.key = None
+      return
+
+    def run() -> None:
+      t = time.perf_counter()
+      try:
+        self.compiled = load(path)
+      except BaseException as e:  # noqa: BLE001 - reported by result(); the caller compiles instead
+        self.error = e
+      self.seconds = time.perf_counter() - t
+
+    self._thread = threading.Thread(target=run, daemon=True, name=f"jaxflow-exec-load-{name}")
+    self._thread.start()
+
+  def result(self, key: str) -> Any:
+    """The loaded executable if it is the entry of `key` (waits for the load), else None."""
+    if self._thread is None or key != self.key:
+      return None
+    self._thread.join()
+    return self.compiled
+
+
+def prefetch(name: str, key_parts: Mapping[str, Any], cache_dir: str | None,
+             compiler_options: Mapping[str, Any] | None = None) -> Prefetch | None:
+  """Starts loading, in a thread, the executable that `CachedFunction(jitted, name, key_parts, cache_dir,
+  compiler_options)` used last in this environment (None without a cache dir, in multi-process runs, or when
+  there is nothing to load). Pass the result as CachedFunction(prefetched=...): used only if the call's key is
+  the same."""
+  if not cache_dir or jax.process_count() != 1:
+    return None
+  p = Prefetch(name, key_parts, cache_dir, compiler_options)
+  return p if p.key is not None else None
 
 
 def default_dir() -> str | None:
@@ -135,11 +306,17 @@ class CachedFunction:
   """A jitted function whose first compilation goes through the executable cache (see the module docstring).
 
   Attributes after the first call: `hit` (True: loaded from disk), `key` (hex), `timings` (seconds: 'key',
-  'load' or 'lower' + 'compile' + 'store').
+  'load' (on a prefetched hit: the wait for the background load; 'load_background' its whole duration) or
+  'lower' + 'compile' + 'store').
+  max_bytes: the directory's size bound applied after a store (default: max_bytes_from_env()).
+  prefetched: a `prefetch(name, key_parts, cache_dir, compiler_options)` handle started earlier.
   """
 
   def __init__(self, jitted: Any, name: str, key_parts: Mapping[str, Any], cache_dir: str | None,
-               compiler_options: Mapping[str, Any] | None = None, log: Callable[[str], None] = _log):
+               compiler_options: Mapping[str, Any] | None = None, log: Callable[[str], None] = _log,
+               max_bytes: int | None | str = "env", prefetched: Prefetch | None = None):
+    self.max_bytes = max_bytes_from_env() if max_bytes == "env" else parse_size(max_bytes)
+    self.prefetched = prefetched
     self.jitted = jitted
     self.name = name
     self.key_parts = dict(key_parts)
@@ -172,20 +349,37 @@ class CachedFunction:
     path = None
     if enabled:
       self.key = cache_key(self.name, args, self.key_parts, self.compiler_options)
-      path = os.path.join(self.cache_dir, f"{self.name}-{self.key[:40]}.jaxexec")
+      path = entry_path(self.cache_dir, self.name, self.key)
     self.timings["key"] = time.perf_counter() - t
-    if path and os.path.exists(path):
+    tried = False
+    if path and self.prefetched is not None and self.prefetched.key == self.key:
+      t = time.perf_counter()
+      compiled = self.prefetched.result(self.key)
+      tried = True
+      if compiled is not None:
+        self.timings["load"] = time.perf_counter() - t
+        self.timings["load_background"] = self.prefetched.seconds
+        self.hit = True
+        touch(path)
+        self.log(f"{self.name}: loaded the compiled executable {os.path.basename(path)} in the background "
+                 f"({self.prefetched.seconds:.1f} s, waited {self.timings['load']:.1f} s; no tracing or compiling)")
+        return compiled
+      e = self.prefetched.error
+      self.log(f"{self.name}: could not load {path} ({type(e).__name__}: {e}); compiling instead")
+    if path and not tried and os.path.exists(path):
       t = time.perf_counter()
       try:
         compiled = load(path)
         self.timings["load"] = time.perf_counter() - t
         self.hit = True
+        touch(path)
+        self._remember(path)
         self.log(f"{self.name}: loaded the compiled executable {os.path.basename(path)} "
                  f"({self.timings['load']:.1f} s; no tracing or compiling)")
         return compiled
-      except Exception as e:  # noqa: BLE001 - any load failure falls back to compiling
+      except Exception as e:  # noqa: BLE001 - any load failure (also: evicted by another process) compiles
         self.log(f"{self.name}: could not load {path} ({type(e).__name__}: {e}); compiling instead")
-    elif path:
+    elif path and not tried:
       self.log(f"{self.name}: no cached executable ({os.path.basename(path)}); compiling")
     self.hit = False
     t = time.perf_counter()
@@ -214,10 +408,24 @@ class CachedFunction:
       t = time.perf_counter()
       try:
         store(path, compiled)
+        self._remember(path)
+        removed = evict(self.cache_dir, self.max_bytes, keep=(path,))
+        if removed:
+          self.log(f"{self.name}: evicted {len(removed)} least recently used entries (bound "
+                   f"{self.max_bytes / 2**20:.0f} MiB)")
       except Exception as e:  # noqa: BLE001 - a cache that cannot be written only costs the next start
         self.log(f"{self.name}: could not store the executable in {path} ({type(e).__name__}: {e})")
       self.timings["store"] = time.perf_counter() - t
     return compiled
+
+  def _remember(self, path: str) -> None:
+    """Records this key as the one (name, key parts, environment) used last, for `prefetch`."""
+    del path
+    try:
+      _write_atomic(_last_used_path(self.cache_dir, self.name, self.key_parts, self.compiler_options),
+                    self.key.encode())
+    except OSError:
+      pass
 
 
 def store(path: str, compiled: Any) -> None:
@@ -226,13 +434,21 @@ def store(path: str, compiled: Any) -> None:
   payload, in_tree, out_tree = serialize_executable.serialize(compiled)
   # The devices the executable runs on, in its order (deserialize_and_load would otherwise assume all devices).
   device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
-  blob = pickle.dumps({"format": FORMAT, "payload": payload, "in_tree": in_tree, "out_tree": out_tree,
-                       "device_ids": device_ids})
+  blob = pickle.dumps({"format": FORMAT, "payload": payload, "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                       "in_tree": in_tree, "out_tree": out_tree, "device_ids": device_ids})
+  _write_atomic(path, blob)
+
+
+def _write_atomic(path: str, blob: bytes) -> None:
+  """Writes `blob` to a private temp file in path's directory, fsyncs it and renames it over `path`: readers
+  (in any process) see the previous file or the complete new one; concurrent writers: the last rename wins."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=TEMP_PREFIX)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(blob)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -247,6 +463,8 @@ def load(path: str) -> Any:
     entry = pickle.load(f)
   if not isinstance(entry, dict) or entry.get("format") != FORMAT:
     raise ValueError(f"{path}: not a jaxflow executable cache entry of format {FORMAT}")
+  if hashlib.sha256(entry["payload"]).hexdigest() != entry.get("payload_sha256"):
+    raise ValueError(f"{path}: the payload's checksum does not match (corrupt entry)")
   by_id = {d.id: d for d in jax.devices()}
   missing = [i for i in entry["device_ids"] if i not in by_id]
   if missing:
@@ -256,4 +474,6 @@ def load(path: str) -> Any:
                                                    backend=devices[0].client, execution_devices=devices)
 
 
-__all__ = ["CachedFunction", "cache_key", "default_dir", "environment", "load", "signature", "source_hash", "store"]
+__all__ = ["CachedFunction", "DEFAULT_MAX_BYTES", "MAX_BYTES_ENV", "Prefetch", "cache_key", "default_dir",
+           "entry_path", "environment", "evict", "load", "max_bytes_from_env", "parse_size", "prefetch", "signature",
+           "source_hash", "store", "touch"]

@@ -234,17 +234,38 @@ def draw(rule: InitRule, shape: tuple[int, ...], dtype: Any, seed: int, key: str
   return x.astype(dtype, copy=False)
 
 
-def host_variables(abstract: Mapping[str, Any], rules: Mapping[str, InitRule], seed: int) -> dict[str, Any]:
+def host_variables(abstract: Mapping[str, Any], rules: Mapping[str, InitRule], seed: int,
+                   threads: int | None = None) -> dict[str, Any]:
   """Numpy values for every leaf of `abstract` (as returned by abstract_variables), same tree; each leaf a pure
-  function of (seed, its path), so every process builds identical values."""
+  function of (seed, its path), so every process builds identical values.
+
+  The leaves are drawn by `threads` threads (default: the usable cores, at most 4): numpy's generators release
+  the GIL while filling, and each leaf has its own stream, so the values do not depend on the thread count.
+  """
+  jobs = []
+  for _, _, key, s in _leaves(abstract):
+    if key not in rules:
+      raise ValueError(f"param_init: no rule for variable {key} (shape {s.shape})")
+    jobs.append((rules[key], tuple(s.shape), s.dtype, key))
+  if threads is None:
+    try:
+      threads = min(4, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+      threads = min(4, os.cpu_count() or 1)
+  run = lambda job: draw(job[0], job[1], job[2], seed, job[3])
+  if threads > 1 and len(jobs) > 1:
+    from concurrent.futures import ThreadPoolExecutor
+    # Largest leaves first, so one big leaf drawn last does not leave the other threads idle.
+    order = sorted(range(len(jobs)), key=lambda i: -int(np.prod(jobs[i][1])))
+    with ThreadPoolExecutor(threads, thread_name_prefix="jaxflow-param-init") as pool:
+      drawn = dict(zip(order, pool.map(lambda i: run(jobs[i]), order)))
+    values = [drawn[i] for i in range(len(jobs))]
+  else:
+    values = [run(job) for job in jobs]
   out = {}
+  it = iter(values)
   for collection, tree in abstract.items():
-    def leaf(kpath, s, collection=collection):
-      key = path_string(collection, _names(kpath))
-      if key not in rules:
-        raise ValueError(f"param_init: no rule for variable {key} (shape {s.shape})")
-      return draw(rules[key], tuple(s.shape), s.dtype, seed, key)
-    out[collection] = jax.tree_util.tree_map_with_path(leaf, tree)
+    out[collection] = jax.tree.map(lambda _: next(it), tree)
   return out
 
 

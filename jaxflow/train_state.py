@@ -124,7 +124,12 @@ def create_train_state(init_fn: Callable[[jax.Array], TrainState], seed: int,
 
 def _host_train_state(init_fn: InitFn, key: jax.Array, seed: int, sharding: jax.sharding.Sharding,
                       exec_cache_dir: str | None, cache_key_parts: Mapping[str, Any] | None) -> TrainState:
-  from jaxflow import param_init
+  from jaxflow import exec_cache, param_init
+  options = init_compiler_options(sharding)
+  use_cache = bool(exec_cache_dir) and cache_key_parts is not None
+  # A warm start loads the small program's executable in a thread while the parameters are drawn (both
+  # release the GIL).
+  pending = exec_cache.prefetch("init_state", cache_key_parts, exec_cache_dir, options) if use_cache else None
   abstract, rules = init_fn.variables or param_init.abstract_variables(init_fn.model, init_fn.image_shape)
   host = param_init.host_variables(abstract, rules, seed)
 
@@ -141,10 +146,9 @@ def _host_train_state(init_fn: InitFn, key: jax.Array, seed: int, sharding: jax.
 
   shapes = jax.eval_shape(rest, key, params)
   jitted = jax.jit(rest, out_shardings=jax.tree.map(lambda _: sharding, shapes))
-  options = init_compiler_options(sharding)
-  if exec_cache_dir and cache_key_parts is not None:
-    from jaxflow import exec_cache
-    fn = exec_cache.CachedFunction(jitted, "init_state", cache_key_parts, exec_cache_dir, options)
+  if use_cache:
+    fn = exec_cache.CachedFunction(jitted, "init_state", cache_key_parts, exec_cache_dir, options,
+                                   prefetched=pending)
     step, opt_state, rng, bad_step = fn(key, params)
   else:
     step, opt_state, rng, bad_step = jitted.lower(key, params).compile(compiler_options=options)(key, params)

@@ -246,6 +246,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   cache_parts = {"model": repr(model), "loss": config.loss.to_json(sort_keys=True),
                  "optim": config.optim.to_json(sort_keys=True), "total_steps": total_steps,
                  "trainable_levels": tuple(config.trainable_levels)}
+  # A warm start loads the train step's executable (the entry these parts used last) in a thread while the
+  # state is built below: XLA's load releases the GIL (exec_cache.prefetch; used only if the key matches).
+  step_prefetch = exec_cache.prefetch("train_step", cache_parts, cache_dir)
   # Parameter shapes and initialisers from one abstract (traced, never compiled) model.init; values are drawn on
   # the host by create_train_state (jaxflow.param_init).
   variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
@@ -280,7 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Warm starts load the compiled step from disk (no tracing): keyed by cache_parts, the argument signature
     # and the jaxflow sources (jaxflow.exec_cache); off without a compilation cache dir and for injected models
     # / losses (their code is not hashed).
-    train_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir)
+    train_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir,
+                                           prefetched=step_prefetch)
   eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(state_sharding, dshard),
                       out_shardings=(rep, dshard))
 

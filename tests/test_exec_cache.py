@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +200,176 @@ def test_abstract_variables_cache_round_trip(tmp_path):
   if other is not None:  # another model config: another entry, other shapes
     param_init.abstract_variables(other, shape, cache_dir=str(tmp_path))
     assert len(os.listdir(tmp_path)) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Size bound (least recently used eviction), concurrent processes, background loads.
+
+
+@pytest.mark.parametrize("text,expected", [("1024", 1024), ("500M", 500 * 2**20), ("4G", 4 * 2**30), ("64k", 65536),
+                                           ("2GB", 2 * 2**30), ("none", None), ("", None), ("0", 0)])
+def test_parse_size(text, expected):
+  assert exec_cache.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "-5M", "1.5X"])
+def test_parse_size_rejects_bad_values_naming_the_variable(bad):
+  with pytest.raises(ValueError, match=exec_cache.MAX_BYTES_ENV):
+    exec_cache.parse_size(bad)
+
+
+def test_max_bytes_from_env(monkeypatch):
+  monkeypatch.delenv(exec_cache.MAX_BYTES_ENV, raising=False)
+  assert exec_cache.max_bytes_from_env() == exec_cache.DEFAULT_MAX_BYTES
+  monkeypatch.setenv(exec_cache.MAX_BYTES_ENV, "3M")
+  assert exec_cache.max_bytes_from_env() == 3 * 2**20
+  monkeypatch.setenv(exec_cache.MAX_BYTES_ENV, "none")
+  assert exec_cache.max_bytes_from_env() is None
+
+
+def _files(d, sizes_and_ages):
+  """Files name -> (bytes, seconds ago of last use) in directory d."""
+  now = time.time()
+  for name, (size, age) in sizes_and_ages.items():
+    p = d / name
+    p.write_bytes(b"x" * size)
+    os.utime(p, (now - age, now - age))
+
+
+def test_evict_removes_least_recently_used_first(tmp_path):
+  _files(tmp_path, {"a.jaxexec": (400, 50), "b.jaxexec": (300, 10), "c.jaxexec": (200, 30), "d.jaxexec": (100, 40)})
+  # 1000 bytes in all; a bound of 550 removes the oldest-used a (400) then d (100): 500 left.
+  removed = exec_cache.evict(str(tmp_path), 550)
+  assert sorted(os.path.basename(p) for p in removed) == ["a.jaxexec", "d.jaxexec"]
+  assert sorted(os.listdir(tmp_path)) == ["b.jaxexec", "c.jaxexec"]
+  assert exec_cache.evict(str(tmp_path), 550) == []  # already within the bound
+  assert exec_cache.evict(str(tmp_path), None) == []  # unbounded
+
+
+def test_evict_keeps_the_given_entry_and_live_temp_files(tmp_path):
+  _files(tmp_path, {"new.jaxexec": (500, 100), "old.jaxexec": (500, 5), ".tmp-live": (900, 1),
+                    ".tmp-dead": (900, exec_cache.STALE_TEMP_SECS + 60)})
+  removed = exec_cache.evict(str(tmp_path), 600, keep=(str(tmp_path / "new.jaxexec"),))
+  assert sorted(os.path.basename(p) for p in removed) == [".tmp-dead", "old.jaxexec"]
+  assert sorted(os.listdir(tmp_path)) == [".tmp-live", "new.jaxexec"]
+
+
+def test_store_applies_the_bound_and_a_hit_refreshes_recency(tmp_path):
+  """Three programs under a bound that holds two entries: storing the third evicts the least recently used
+  one; the one loaded (hit) in between survives."""
+  x, y = _args()
+  fns = [jax.jit(lambda x, y, k=k: {"out": jnp.tanh(x @ y) * (k + _RUN)}) for k in range(3)]
+  a, _ = _cached(tmp_path, parts={"k": 0}, jitted=fns[0])
+  a(x, y)
+  (entry_a,) = [p for p in os.listdir(tmp_path) if p.endswith(".jaxexec")]
+  size = os.path.getsize(tmp_path / entry_a)
+  bound = int(2.5 * size) + 4096  # two entries and the small .last pointers
+  b, _ = _cached(tmp_path, parts={"k": 1}, jitted=fns[1], max_bytes=bound)
+  b(x, y)
+  past = time.time() - 100
+  for p in os.listdir(tmp_path):  # both entries last used long ago, a before b
+    os.utime(tmp_path / p, (past - (50 if p == entry_a else 0),) * 2)
+  a2, _ = _cached(tmp_path, parts={"k": 0}, jitted=fns[0])
+  a2(x, y)  # a hit: a is now the most recently used
+  assert a2.hit is True
+  c, logs = _cached(tmp_path, parts={"k": 2}, jitted=fns[2], max_bytes=bound)
+  out = c(x, y)
+  assert any("evicted" in m for m in logs)
+  left = {p for p in os.listdir(tmp_path) if p.endswith(".jaxexec")}
+  assert entry_a in left and len(left) == 2  # b (least recently used) went, the new entry stayed
+  np.testing.assert_allclose(np.asarray(out["out"]), np.tanh(np.asarray(x) @ np.asarray(y)) * (2 + _RUN),
+                             rtol=1e-5)
+  b2, _ = _cached(tmp_path, parts={"k": 1}, jitted=fns[1])
+  b2(x, y)
+  assert b2.hit is False  # evicted: compiled again
+
+
+def test_corrupt_payload_fails_the_checksum(tmp_path):
+  x, y = _args()
+  g = jax.jit(lambda x, y: {"out": jnp.tanh(x @ y) - _RUN})  # a program new to this session (see _RUN)
+  first, _ = _cached(tmp_path, jitted=g)
+  first(x, y)
+  (name,) = [p for p in os.listdir(tmp_path) if p.endswith(".jaxexec")]
+  import pickle
+  with open(tmp_path / name, "rb") as f:
+    entry = pickle.load(f)
+  payload = bytearray(entry["payload"])
+  payload[len(payload) // 2] ^= 0xFF
+  entry["payload"] = bytes(payload)
+  with open(tmp_path / name, "wb") as f:
+    pickle.dump(entry, f)
+  with pytest.raises(ValueError, match="checksum"):
+    exec_cache.load(str(tmp_path / name))
+  second, logs = _cached(tmp_path, jitted=g)
+  second(x, y)
+  assert second.hit is False and "checksum" in logs[0]
+
+
+_WRITER = r"""
+import os, sys, time
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax, jax.numpy as jnp, numpy as np
+from jaxflow import exec_cache
+cache_dir, run, rounds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+f = jax.jit(lambda x, y: {"out": jnp.tanh(x @ y) + run})
+x = jnp.asarray(np.arange(64, dtype=np.float32).reshape(8, 8) / 64)
+compiled = f.lower(x, x).compile()
+path = exec_cache.entry_path(cache_dir, "f", exec_cache.cache_key("f", (x, x), {"w": 1}))
+barrier, n = sys.argv[4], int(sys.argv[5])  # every writer compiled: all start storing at once
+open(os.path.join(barrier, str(os.getpid())), "w").close()
+while len(os.listdir(barrier)) < n:
+  time.sleep(0.002)
+loads = 0
+for i in range(rounds):
+  exec_cache.store(path, compiled)
+  if os.path.exists(path):
+    out = exec_cache.load(path)(x, x)  # whatever writer's version is there must be complete and right
+    np.testing.assert_allclose(np.asarray(out["out"]), np.tanh(np.asarray(x) @ np.asarray(x)) + run, rtol=1e-6)
+    loads += 1
+print("ok", loads)
+"""
+
+
+def test_concurrent_writers_of_one_key_never_leave_a_partial_entry(tmp_path):
+  """Three processes store and load the same key at the same time, 5 times each: every load sees a complete,
+  correct entry, and no temp file is left behind."""
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  cache, barrier = tmp_path / "cache", tmp_path / "barrier"
+  cache.mkdir()
+  barrier.mkdir()
+  procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(cache), str(_RUN), "5", str(barrier), "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+  outs = [p.communicate(timeout=180) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+    assert out.strip() == "ok 5"
+  names = os.listdir(cache)
+  assert len(names) == 1 and names[0].endswith(".jaxexec"), names
+
+
+def test_prefetch_loads_in_the_background_and_is_used_only_for_its_key(tmp_path):
+  x, y = _args()
+  g = jax.jit(lambda x, y: {"out": jnp.tanh(x @ y) + 1.0, "run": _RUN * 2})  # new to this session
+  first, _ = _cached(tmp_path, jitted=g)
+  ref = first(x, y)
+  assert exec_cache.prefetch("f", {"what": "other"}, str(tmp_path)) is None  # never used: nothing to load
+  assert exec_cache.prefetch("f", {"what": "tanh"}, None) is None
+  pending = exec_cache.prefetch("f", {"what": "tanh"}, str(tmp_path))
+  assert pending is not None and pending.key == first.key
+  second, logs = _cached(tmp_path, jitted=g, prefetched=pending)
+  out = second(x, y)
+  assert second.hit is True and "in the background" in logs[0] and "load_background" in second.timings
+  np.testing.assert_array_equal(np.asarray(out["out"]), np.asarray(ref["out"]))
+  # Other arguments (another key) than the entry used last: the prefetched executable is not used.
+  pending = exec_cache.prefetch("f", {"what": "tanh"}, str(tmp_path))
+  third, logs = _cached(tmp_path, jitted=g, prefetched=pending)
+  x4, y4 = _args(n=4)
+  out4 = third(x4, y4)
+  assert third.hit is False and third.key != pending.key and "no cached executable" in logs[0]
+  np.testing.assert_allclose(np.asarray(out4["out"]), np.tanh(np.asarray(x4) @ np.asarray(y4)) + 1.0, rtol=1e-5,
+                             atol=1e-6)
+  # The 4x4 entry is now the one used last.
+  assert exec_cache.prefetch("f", {"what": "tanh"}, str(tmp_path)).key == third.key

@@ -194,3 +194,29 @@ def test_traced_method_same_tree_and_run_key_as_host_method():
   for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(traced)):
     assert a.shape == b.shape and a.dtype == b.dtype
   np.testing.assert_array_equal(np.asarray(host.rng), np.asarray(traced.rng))
+
+
+def test_threaded_draws_equal_serial_draws():
+  """host_variables draws leaves in threads: every thread count gives the same values (one stream per leaf),
+  and each leaf equals param_init.draw of its own (seed, path)."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(16, (3, 3), kernel_init=nn.initializers.kaiming_normal())(x)
+      x = nn.Conv(8, (3, 3), kernel_init=nn.initializers.truncated_normal(0.1))(x)
+      return nn.Dense(4, kernel_init=nn.initializers.lecun_uniform())(x)
+
+  model = Net()
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+  abstract = {k: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), v) for k, v in abstract.items()}
+  leaves = list(param_init._leaves(abstract))
+  rules = {key: param_init.InitRule("normal", 0.5) for _, _, key, _ in leaves}
+  serial = param_init.host_variables(abstract, rules, 3, threads=1)
+  for threads in (2, 5):
+    got = param_init.host_variables(abstract, rules, 3, threads=threads)
+    assert jax.tree.structure(got) == jax.tree.structure(serial)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(serial)):
+      np.testing.assert_array_equal(a, b)
+  for (_, _, key, leaf), value in zip(leaves, jax.tree.leaves(serial)):
+    np.testing.assert_array_equal(value, param_init.draw(rules[key], tuple(leaf.shape), leaf.dtype, 3, key))
+  assert len({float(v.ravel()[0]) for v in jax.tree.leaves(serial)}) == len(leaves)  # distinct streams

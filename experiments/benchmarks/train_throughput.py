@@ -37,7 +37,7 @@ Reported (printed, and in --json as a list of dicts, one per configuration):
   startup / startup_warm: the split of each start as the trainer does it (parameter shapes `abstract_s`,
   executable-cache `key_s` and `load_s` on a hit or `lower_s` + `compile_s` + `store_s` on a miss,
   `compile_cpu_s`, the first step's own `first_step_exec_s` / `_cpu_s`, and `process_cpu_s` up to the end of the
-  first step; --no-exec-cache and --init-method traced give the previous start-up path for A/B);
+  first step; --no-exec-cache, --init-method traced and --no-prefetch give earlier start-up paths for A/B);
   peak_rss_mib (VmHWM of the warm, measured jaxflow worker), peak_rss_cold_mib (the cold worker, which also compiled),
   torch_peak_rss_mib; and the exact settings (devices, threads, XLA_FLAGS, versions, commit, load average).
 --roofline JSON projects the step time of each result on one accelerator from its FLOPs and bytes per step
@@ -177,6 +177,8 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   parts = {"model": repr(model), "loss": json.dumps(spec["loss"], sort_keys=True),
            "optim": json.dumps(spec["optim"], sort_keys=True)}
   image_shape = (1, INIT_SIZE, INIT_SIZE, 3)
+  # As the trainer: a warm start loads the step's executable in a thread while the state is built.
+  pending = exec_cache.prefetch("train_step", parts, cache_dir) if spec.get("prefetch", True) else None
   variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
   t_abstract = time.time()
   state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables), 0, rep,
@@ -197,7 +199,8 @@ def _jax_worker(spec: dict[str, Any]) -> None:
     _reply({"stablehlo_sha256": hashlib.sha256(lowered.as_text().encode()).hexdigest(),
             "stablehlo_debug_sha256": hashlib.sha256(lowered.as_text(debug_info=True).encode()).hexdigest()})
     return
-  cached = exec_cache.CachedFunction(step_fn, "train_step", parts, cache_dir, log=lambda m: print(m, file=sys.stderr))
+  cached = exec_cache.CachedFunction(step_fn, "train_step", parts, cache_dir, log=lambda m: print(m, file=sys.stderr),
+                                     prefetched=pending)
   t_trace = time.time()
   if cache_dir is None:  # split tracing from lowering (the exec cache's miss path lowers in one call)
     step_fn.trace(state, batch)
@@ -380,7 +383,7 @@ def _jax_env(devices: int, cache_dir: str) -> dict[str, str]:
 
 def _split(st: dict[str, Any]) -> str:
   """One line of a worker's start-up split (seconds; see the module docstring)."""
-  keys = ("abstract_s", "trace_s", "key_s", "load_s", "lower_s", "compile_s", "store_s", "compile_cpu_s",
+  keys = ("abstract_s", "trace_s", "key_s", "load_s", "load_background_s", "lower_s", "compile_s", "store_s", "compile_cpu_s",
           "first_step_exec_s", "first_step_exec_cpu_s", "process_cpu_s")
   return (f"exec cache {'hit' if st.get('exec_cache_hit') else 'miss/off'}; "
           + ", ".join(f"{k[:-2]} {st[k]:.2f}" for k in keys if k in st))
@@ -414,7 +417,7 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
   model, loss, optim_cfg = _model_settings(name)
   spec = {"model": model, "loss": loss, "optim": optim_cfg, "height": height, "width": width, "batch": batch,
           "dtype": args.dtype, "warmup": args.warmup, "torch_threads": args.torch_threads,
-          "exec_cache": not args.no_exec_cache, "init_method": args.init_method}
+          "exec_cache": not args.no_exec_cache, "init_method": args.init_method, "prefetch": not args.no_prefetch}
   result: dict[str, Any] = {
       "model": name, "dtype": args.dtype, "height": height, "width": width, "batch": batch,
       "jax_devices": args.jax_devices, "torch_threads": args.torch_threads,
@@ -638,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-exec-cache", action="store_true",
                       help="compile the train step through jit + the persistent compilation cache only (no "
                            "jaxflow.exec_cache executables): the start-up path before the executable cache")
+  parser.add_argument("--no-prefetch", action="store_true",
+                      help="load the cached train step when it is first called instead of in a thread during the "
+                           "state init (the start-up path before exec_cache.prefetch; for A/B)")
   parser.add_argument("--init-method", default="host", choices=("host", "traced"),
                       help="parameter init: host (numpy draws, jaxflow.param_init) or traced (a compiled model.init)")
   parser.add_argument("--json", default=None, help="write the results (a list of dicts) to this file")
