@@ -291,8 +291,8 @@ def test_conv2d_im2col_values_and_grads(xs, ws, s, padding, d):
 
 
 def test_conv2d_takes_the_patch_product_only_for_few_positions_and_many_channels(monkeypatch):
-  """Selection: few output positions with C_out > 8 -> conv2d_im2col (called through conv2d and
-  conv2d_concat, same values as lax); more positions, or C_out <= 8, or impl 'lax' -> not."""
+  """Selection: few output positions with C_out > 8 and C_in <= 4 C_out -> conv2d_im2col (through conv2d, same
+  values as lax); conv2d_concat, more positions, C_out <= 8, a wider input or impl 'lax' -> not."""
   calls = []
   orig = conv_ops.conv2d_im2col
   monkeypatch.setattr(conv_ops, "conv2d_im2col", lambda *a: calls.append(a[0].shape) or orig(*a))
@@ -303,11 +303,12 @@ def test_conv2d_takes_the_patch_product_only_for_few_positions_and_many_channels
   y = conv_ops.conv2d(x, wt, (1, 1), pad, impl="matmul")
   assert calls == [(2, 4, 6, 20)]
   np.testing.assert_allclose(np.asarray(y), np.asarray(lax_conv(x, wt, 1, 1, 1)), rtol=1e-5, atol=1e-5)
-  y = conv_ops.conv2d_concat([x[..., :7], x[..., 7:]], wt, (1, 1), pad, impl="matmul")
-  assert calls[-1] == (2, 4, 6, 20)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(lax_conv(x, wt, 1, 1, 1)), rtol=1e-5, atol=1e-5)
   calls.clear()
+  y = conv_ops.conv2d_concat([x[..., :7], x[..., 7:]], wt, (1, 1), pad, impl="matmul")
+  np.testing.assert_allclose(np.asarray(y), np.asarray(lax_conv(x, wt, 1, 1, 1)), rtol=1e-5, atol=1e-5)
   conv_ops.conv2d(x, wt[..., :8], (1, 1), pad, impl="matmul")  # C_out 8
+  conv_ops.conv2d(jnp.concatenate([x] * 4, -1)[..., :65], jnp.zeros((3, 3, 65, 16)), (1, 1), pad,
+                  impl="matmul")  # C_in 65 > 4 * 16
   conv_ops.conv2d(x, wt, (1, 1), pad, impl="lax")
   monkeypatch.setattr(conv_ops, "_IM2COL_MAX_POSITIONS", 2 * 4 * 6 - 1)
   conv_ops.conv2d(x, wt, (1, 1), pad, impl="matmul")  # one position too many

@@ -42,6 +42,14 @@ DECONVS = [
 ]
 
 
+# PWC-Net dense estimator convolutions, (N, h, w), the parts' channels (newest first, as the estimator builds
+# them), C_out: level 3 at 128x128 b4 (16x16), level 4 at 128x128 b4, level 5 at 384x512 b8 (12x16, 1,536
+# positions), level 6 at 384x512 b8.
+DENSE = [((4, 16, 16), (96, 128, 128, 81, 64, 2, 2), 64), ((4, 16, 16), (128, 81, 64, 2, 2), 128),
+         ((4, 8, 8), (96, 128, 128, 81, 96, 2, 2), 64), ((8, 12, 16), (96, 128, 128, 81, 128, 2, 2), 64),
+         ((8, 12, 16), (128, 81, 128, 2, 2), 128), ((8, 6, 8), (128, 128, 81), 96)]
+
+
 def _passes(f, x, w):
   g = jnp.ones(jax.eval_shape(f, x, w).shape, jnp.float32)
   return (jax.jit(f), (x, w)), (jax.jit(lambda x_, w_, g_: jax.vjp(lambda a: f(a, w_), x_)[1](g_)[0]), (x, w, g)), \
@@ -71,7 +79,7 @@ def compare(label: str, fa, fb, x, w, gflop: float, repeats: int) -> None:
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--only", choices=["conv", "deconv"], default=None)
+  p.add_argument("--only", choices=["conv", "deconv", "dense"], default=None)
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
   arr = lambda s: jnp.asarray(rng.standard_normal(s, np.float32) * 0.1)
@@ -86,7 +94,16 @@ def main(argv: list[str] | None = None) -> int:
       out = jax.eval_shape(fa, x, w).shape
       gflop = 2e-9 * np.prod(out[:3]) * np.prod(ws)
       compare(f"conv {xs} {ws[:2]} {ws[2]}->{ws[3]} /{s}", fa, fb, x, w, gflop, args.repeats)
-  if args.only != "conv":
+  if args.only in (None, "dense"):
+    for nhw, chans, cout in DENSE:
+      parts = [arr(nhw + (c,)) for c in chans]
+      w = arr((3, 3, sum(chans), cout))
+      pad = ((1, 1), (1, 1))
+      fa = lambda x_, w_: conv_ops._conv_of_concat(tuple(x_), w_, (1, 1), pad, (1, 1))
+      fb = lambda x_, w_: conv_ops.conv2d_im2col(jnp.concatenate(x_, axis=-1), w_, (1, 1), pad, (1, 1))
+      gflop = 2e-9 * np.prod(nhw) * 9 * sum(chans) * cout
+      compare(f"dense {nhw} {sum(chans)}->{cout}", fa, fb, parts, w, gflop, args.repeats)
+  if args.only not in ("conv", "dense"):
     for xs, ws in DECONVS:
       x, w = arr(xs), arr(ws)
       pad = ((2, 2), (2, 2))

@@ -381,9 +381,10 @@ def _use_im2col(x_shape, w_shape, strides, padding, dilation) -> bool:
   n, h, w = x_shape[:3]
   ho = (h + padding[0][0] + padding[0][1] - dilation[0] * (w_shape[0] - 1) - 1) // strides[0] + 1
   wo = (w + padding[1][0] + padding[1][1] - dilation[1] * (w_shape[1] - 1) - 1) // strides[1] + 1
-  # Few output channels (predict_flow: C_out 2) stay on the other path: there the patch matrix is the larger
-  # operand (386 -> 2 at 16x16 b4: 14.7 against 2.5 CPU-ms for the three passes).
-  return n * ho * wo <= _IM2COL_MAX_POSITIONS and w_shape[3] > 8
+  # Few output channels (predict_flow: C_out 2), or a kernel much wider than its output, stay on the other path:
+  # there the patch matrix is the larger operand (386 -> 2 at 16x16 b4: 14.7 against 2.5 CPU-ms for the three
+  # passes; PWC-Net's dense 565 -> 64 at 12x16 b8: 0.35x).
+  return n * ho * wo <= _IM2COL_MAX_POSITIONS and w_shape[3] > 8 and 4 * w_shape[3] >= w_shape[2]
 
 
 def _normalise(strides, padding, dilation) -> tuple[tuple[int, int], tuple[tuple[int, int], ...], tuple[int, int]]:
@@ -486,9 +487,8 @@ def conv2d_concat(xs: Sequence[jax.Array], w: jax.Array, strides: Sequence[int] 
     return conv2d(xs[0], w, strides, padding, dilation, impl=impl)
   if _resolve(impl) == "lax":
     return _lax_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation)
-  if _use_im2col(xs[0].shape, w.shape, strides, padding, dilation):
-    # Few positions: the concatenation is small, and the patch product beats XLA's convolution.
-    return conv2d_im2col(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation)
+  # (No patch product here: for the dense estimators' wide inputs and narrow outputs it was slower, e.g. 565 -> 64
+  # at 12x16 b8 0.35x, 533 -> 64 at 8x8 b4 0.79x; conv_small.py --only dense.)
   return _conv_of_concat(xs, w, strides, padding, dilation)
 
 
