@@ -238,55 +238,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointing.save_config(config, workdir)
   total_steps = int(config.total_steps)
 
-  model = model if model is not None else build_model(config)
-  image_shape = (1, INIT_SIZE, INIT_SIZE, 3)  # same parameter shapes at any crop; a small abstract trace
-  cache_dir = exec_cache.default_dir() if injected_model is None and injected_loss is None else None
-  # What the train step and the init program depend on besides their arguments and jaxflow's sources: the
-  # model (repr: every field), the loss, the optimiser and its schedule length, the frozen SpyNet levels.
-  cache_parts = {"model": repr(model), "loss": config.loss.to_json(sort_keys=True),
-                 "optim": config.optim.to_json(sort_keys=True), "total_steps": total_steps,
-                 "trainable_levels": tuple(config.trainable_levels)}
-  # A warm start loads the train step's executable (the entry these parts used last) in a thread while the
-  # state is built below: XLA's load releases the GIL (exec_cache.prefetch; used only if the key matches).
-  step_prefetch = exec_cache.prefetch("train_step", cache_parts, cache_dir)
-  # Parameter shapes and initialisers from one abstract (traced, never compiled) model.init; values are drawn on
-  # the host by create_train_state (jaxflow.param_init).
-  variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
-  trainable = None
-  if tuple(config.trainable_levels):
-    if config.model.name != "spynet":
-      raise ValueError(f"config.trainable_levels={tuple(config.trainable_levels)} is only for spynet, "
-                       f"not {config.model.name!r}")
-    from jaxflow.models import spynet
-    trainable = spynet.trainable_mask(variables[0]["params"], tuple(config.trainable_levels))
-  tx = optim.make_optimizer(config.optim, total_steps, trainable)
-  schedule = optim.make_schedule(config.optim, total_steps)
-
-  state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables), config.seed,
-                                       rep, exec_cache_dir=cache_dir, cache_key_parts=cache_parts)
-  state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(abstract, start)
-    _log(f"resumed from {ckpt.directory}/{start}")
-  else:
-    start = 0
-    if config.init_from:
-      state = _init_from(config, state, rep)
-  _log(f"model {config.model.name}: {param_count(state.params):,} parameters; {jax.device_count()} devices "
-       f"({nproc} processes); global batch {config.batch_size}; steps {start} -> {total_steps}")
 
-  train_step = jax.jit(steps.make_train_step(model, tx, loss_fn), in_shardings=(state_sharding, dshard),
-                       out_shardings=(state_sharding, rep), donate_argnums=0)
-  if cache_dir:
-    # Warm starts load the compiled step from disk (no tracing): keyed by cache_parts, the argument signature
-    # and the jaxflow sources (jaxflow.exec_cache); off without a compilation cache dir and for injected models
-    # / losses (their code is not hashed).
-    train_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir,
-                                           prefetched=step_prefetch)
-  eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(state_sharding, dshard),
-                      out_shardings=(rep, dshard))
+  def host_batches(first_step: int = start or 0) -> Iterator[dict[str, np.ndarray]]:
+    # Runs in the prefetch thread, so the input pipeline's start (TensorFlow's import, building the dataset, the
+    # first batches) overlaps the JAX side's below (model, state, loading or compiling the step). An error of
+    # the pipeline surfaces at the first step.
+    yield from train_iter_fn(config, start_step=first_step, process_index=pid, process_count=nproc)
+
+  prefetch = parallel.Prefetcher(host_batches(), mesh, size=config.prefetch)
+  try:
+    model = model if model is not None else build_model(config)
+    image_shape = (1, INIT_SIZE, INIT_SIZE, 3)  # same parameter shapes at any crop; a small abstract trace
+    cache_dir = exec_cache.default_dir() if injected_model is None and injected_loss is None else None
+    # What the train step and the init program depend on besides their arguments and jaxflow's sources: the
+    # model (repr: every field), the loss, the optimiser and its schedule length, the frozen SpyNet levels.
+    cache_parts = {"model": repr(model), "loss": config.loss.to_json(sort_keys=True),
+                   "optim": config.optim.to_json(sort_keys=True), "total_steps": total_steps,
+                   "trainable_levels": tuple(config.trainable_levels)}
+    # A warm start loads the train step's executable (the entry these parts used last) in a thread while the
+    # state is built below: XLA's load releases the GIL (exec_cache.prefetch; used only if the key matches).
+    step_prefetch = exec_cache.prefetch("train_step", cache_parts, cache_dir)
+    # Parameter shapes and initialisers from one abstract (traced, never compiled) model.init; values are drawn
+    # on the host by create_train_state (jaxflow.param_init).
+    variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
+    trainable = None
+    if tuple(config.trainable_levels):
+      if config.model.name != "spynet":
+        raise ValueError(f"config.trainable_levels={tuple(config.trainable_levels)} is only for spynet, "
+                         f"not {config.model.name!r}")
+      from jaxflow.models import spynet
+      trainable = spynet.trainable_mask(variables[0]["params"], tuple(config.trainable_levels))
+    tx = optim.make_optimizer(config.optim, total_steps, trainable)
+    schedule = optim.make_schedule(config.optim, total_steps)
+
+    state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables),
+                                         config.seed, rep, exec_cache_dir=cache_dir, cache_key_parts=cache_parts)
+    state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
+    if start is not None:
+      state = ckpt.restore(abstract, start)
+      _log(f"resumed from {ckpt.directory}/{start}")
+    else:
+      start = 0
+      if config.init_from:
+        state = _init_from(config, state, rep)
+    _log(f"model {config.model.name}: {param_count(state.params):,} parameters; {jax.device_count()} devices "
+         f"({nproc} processes); global batch {config.batch_size}; steps {start} -> {total_steps}")
+
+    train_step = jax.jit(steps.make_train_step(model, tx, loss_fn), in_shardings=(state_sharding, dshard),
+                         out_shardings=(state_sharding, rep), donate_argnums=0)
+    if cache_dir:
+      # Warm starts load the compiled step from disk (no tracing): keyed by cache_parts, the argument signature
+      # and the jaxflow sources (jaxflow.exec_cache); off without a compilation cache dir and for injected models
+      # / losses (their code is not hashed).
+      train_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir,
+                                             prefetched=step_prefetch)
+    eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(state_sharding, dshard),
+                        out_shardings=(rep, dshard))
+  except BaseException:
+    prefetch.close()
+    ckpt.close()
+    raise
 
   writer = MetricWriter(workdir, config.log_tensorboard, start)
   best: dict[str, Any] = {}
@@ -326,9 +339,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   key_metric = config.best_metric
   stop = _StopRequest()
-  prefetch = parallel.Prefetcher(
-      train_iter_fn(config, start_step=start, process_index=pid, process_count=nproc), mesh,
-      size=config.prefetch)
   acc = None
   acc_steps = 0
   last_time, last_step = time.time(), start
