@@ -13,7 +13,9 @@ What it does:
     longer than `min_compile_time_secs`. The directory defaults to $JAXFLOW_COMPILATION_CACHE, else
     ~/.cache/jaxflow/xla. Its subdirectory `jaxflow_executables` holds jaxflow.exec_cache's serialized train
     step and init program (and param_init's parameter shapes), which let a warm start skip tracing and
-    lowering too; disabling the compilation cache disables those as well.
+    lowering too; disabling the compilation cache disables those as well. That subdirectory is bounded by
+    $JAXFLOW_EXEC_CACHE_MAX_BYTES (default 2 GiB; least recently used entries are deleted first) and may be
+    shared by concurrent processes; JAX's own cache directory is not bounded by jaxflow.
   - XLA_FLAGS defaults (`cpu_flags`): appended to the environment variable only when the user has not set the same
     flag, only before the backend is initialised, and only when the platform will be the CPU (JAX_PLATFORMS empty
     or 'cpu'), so accelerators never receive CPU flags. There are no default CPU flags: none of the XLA:CPU
