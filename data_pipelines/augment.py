@@ -266,21 +266,28 @@ def _lowbias32(x: tf.Tensor) -> tf.Tensor:
 def hash_normal(key: tf.Tensor, shape: tuple[int, ...]) -> tf.Tensor:
   """Approximately standard-normal float32 noise of a static `shape`, a pure function of `key` (int64 [2]).
 
-  Each value hashes (a 32-bit digest of key, element index) to 32 bits (one lowbias32 round) and sums its four bytes (Irwin-Hall with 4 terms of the
-  discrete uniform on 0..255), standardised to mean 0 and variance 1 exactly (range +-3.45). Elementwise integer
-  arithmetic only, so it vectorises under XLA on CPU (several times cheaper than the Philox normal kernel).
+  Each value hashes (a 32-bit digest of key, element index) to 32 bits (one lowbias32 round) and sums its four
+  bytes (Irwin-Hall with 4 terms of the discrete uniform on 0..255), standardised to mean 0 and variance 1
+  exactly (range +-3.45). Elementwise integer arithmetic only, so it vectorises under XLA on CPU (several times
+  cheaper than the Philox normal kernel). A batch of keys (..., 2) gives (..., *shape), each row equal to the
+  noise of its own key.
   """
-  words = tf.reshape(tf.bitcast(tf.cast(key, tf.int64), tf.uint32), [4])
+  key = tf.cast(key, tf.int64)
+  lead = key.shape[:-1].as_list()
+  words = tf.reshape(tf.bitcast(key, tf.uint32), lead + [4])
   n = int(np.prod(shape))
   i = tf.range(n, dtype=tf.int32)
-  k0 = _lowbias32(tf.bitwise.bitwise_xor(words[0], _lowbias32(tf.bitwise.bitwise_xor(words[1], words[2]) + words[3])))
-  h = _lowbias32(tf.bitwise.bitwise_xor(tf.cast(i, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32), k0))
+  k0 = _lowbias32(tf.bitwise.bitwise_xor(words[..., 0], _lowbias32(tf.bitwise.bitwise_xor(words[..., 1],
+                                                                                         words[..., 2])
+                                                                   + words[..., 3])))
+  h = _lowbias32(tf.bitwise.bitwise_xor(tf.cast(i, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32),
+                                        k0[..., None]))
   # Sum of the four bytes: pairwise in 16-bit fields (bytes 0 + 1 and 2 + 3, each sum < 2^16), then the fields.
   pairs = tf.bitwise.bitwise_and(h, 0x00FF00FF) + tf.bitwise.bitwise_and(tf.bitwise.right_shift(h, 8), 0x00FF00FF)
   total = tf.cast(tf.bitwise.bitwise_and(pairs, 0xFFFF) + tf.bitwise.right_shift(pairs, 16), tf.int32)
   # Sum of 4 discrete uniforms on 0..255: mean 510, variance 4 * (256^2 - 1) / 12.
   z = (tf.cast(total, tf.float32) - 510.0) * (1.0 / math.sqrt(4 * (256 ** 2 - 1) / 12))
-  return tf.reshape(z, shape)
+  return tf.reshape(z, lead + list(shape))
 
 
 def _photometric_vector(params: dict[str, tf.Tensor], frame: int) -> tf.Tensor:

@@ -177,10 +177,16 @@ def train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0, pro
       gen = _make_generator(config, name)
       ds = ds.map(lambda gi: augment_lib.augment(gen(seed, gi), seed, gi, aug_cfg, crop),
                   num_parallel_calls=parallel, deterministic=True)
-    else:  # The generator renders the augmented crop directly (same draws as augment.augment).
+      ds = ds.batch(b, drop_remainder=True)
+    else:
+      # The generator renders the augmented crop directly (same draws as augment.augment): each example's
+      # random draws (small) are batched, then one render call writes the whole batch (no copy of the frames
+      # into a batch; row i has the bytes of example i rendered alone).
       from data_pipelines import synthetic_chairs
       gen = synthetic_chairs.make_generator(d.synthetic, aug_cfg, crop)
-      ds = ds.map(lambda gi: gen(seed, gi), num_parallel_calls=parallel, deterministic=True)
+      ds = ds.map(lambda gi: gen.draw(seed, gi), num_parallel_calls=parallel, deterministic=True)
+      ds = ds.batch(b, drop_remainder=True)
+      ds = ds.map(gen.render, num_parallel_calls=parallel, deterministic=True)
   else:
     files = _file_sets("train")[name](config)
     n = len(files)
@@ -194,7 +200,7 @@ def train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0, pro
     ds = ds.filter(lambda gi, _: (gi >= start) & ((gi % big_b) // b == process_index))
     ds = ds.map(lambda gi, fid: augment_lib.augment(files.element(fid), seed, gi, aug_cfg, crop),
                 num_parallel_calls=parallel, deterministic=True)
-  ds = ds.batch(b, drop_remainder=True)
+    ds = ds.batch(b, drop_remainder=True)
   ds = ds.prefetch(d.prefetch if d.prefetch > 0 else tf.data.AUTOTUNE)
   return ds.with_options(_options(config))
 

@@ -311,11 +311,16 @@ def _spread_lanes(texel: tf.Tensor) -> tf.Tensor:
           | tf.bitwise.left_shift(tf.bitwise.bitwise_and(v, 0xFF0000), 2 * _LANE - 16))
 
 
+def _lanes(packed: tf.Tensor) -> tf.Tensor:
+  """int64 (...) packed bilinear samples -> int64 (..., 3) channel sums (0 .. 255 * 4096 each)."""
+  shifts = tf.constant([0, _LANE, 2 * _LANE], tf.int64)  # Broadcast, not stacked: XLA vectorises it.
+  return tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed[..., None], shifts), (1 << _LANE) - 1)
+
+
 def unpack_rgb(packed: tf.Tensor) -> tf.Tensor:
   """int64 (...) packed bilinear samples (see _bilinear_packed) -> float32 (..., 3) RGB in [0, 1]."""
-  shifts = tf.constant([0, _LANE, 2 * _LANE], tf.int64)  # Broadcast, not stacked: XLA vectorises it.
-  lanes = tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed[..., None], shifts), (1 << _LANE) - 1)
-  return tf.cast(lanes, tf.float32) * IMAGE_SCALE
+  # Through int32 (the lanes fit): int32 -> float32 converts in vector registers, int64 -> float32 does not.
+  return tf.cast(tf.cast(_lanes(packed), tf.int32), tf.float32) * IMAGE_SCALE
 
 
 def _reflect(x: tf.Tensor, size: int) -> tf.Tensor:
@@ -362,11 +367,14 @@ def _row_spans(quad: tf.Tensor, box: tf.Tensor, rows: int, tile: int) -> tuple[t
 
 
 def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape: tuple,
-                   out_size: tuple[int, int]) -> Callable:
-  """The XLA-compiled renderer: render(raw, geo, backgrounds, sprite_rgb, sprite_alpha, sprite_box) -> dict.
+                   out_size: tuple[int, int], photometric: bool = False) -> Callable:
+  """The renderer of a batch: run(raw, geo, photo, noise_keys, table, alpha, sprite_box) -> batch dict (see
+  Generator.render), two XLA functions: the layers, flow and occlusion of each row in a while loop over the
+  rows (packed colours), then the colour stage of the batch (decode and, with `photometric`, FlowNet's
+  photometric changes and noise).
 
-  geo: float32 (12,) output->source maps of the two frames, [M1 (4, row-major), t1 (2), M2 (4), t2 (2)]: output
-  pixel x of frame f shows source-frame pixel M_f x + t_f (identity maps: the plain generator; augmentation
+  geo: float32 (N, 12) per row: output->source maps of the two frames, [M1 (4, row-major), t1 (2), M2 (4),
+  t2 (2)]: output pixel x of frame f shows source-frame pixel M_f x + t_f (identity maps: the plain generator; augmentation
   maps: the augmented crop rendered directly). Output size `out_size` (hc, wc).
   """
   h, w = (int(v) for v in cfg.image_size)
@@ -442,8 +450,7 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
     _, z = tf.while_loop(lambda i, z: i < n_iter, body, (tf.constant(0), tf.zeros([hc * wc], tf.int32)))
     return z
 
-  @tf.function(jit_compile=True, autograph=False)
-  def render(raw, geo, table, alpha, sprite_box):
+  def render_one(raw, geo, table, alpha, sprite_box):
     p = parameters_from_draws(cfg, raw)
     maps = [(tf.reshape(geo[0:4], [2, 2]), geo[4:6]), (tf.reshape(geo[6:10], [2, 2]), geo[10:12])]
     # `table`: all photos' pixels, then all sprites' pixels (packed r + 256 g + 65536 b); `alpha`: all sprites'.
@@ -497,7 +504,8 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
               tf.concat([p["bg_b"][None], tf.gather(p["g_b"], by_value)], 0))
     fa, fb = _compose(a2_inv, _compose(g_maps, maps[0]))
     # One (2, 3) gather per pixel and a reduction: a single pass writing the flow (separate column gathers are
-    # materialised one array each, as the occlusion test below reads them too).
+    # materialised one array each, as the occlusion test below reads them too). Its float roundings are the
+    # same in any batch of two or more rows (see Generator.render for a single row).
     flow_maps = tf.concat([fa - tf.eye(2), fb[..., None]], -1)  # (layers, 2, 3): [D | e], flow = D x + e
     flow = tf.reduce_sum(tf.gather(flow_maps, layer1) * tf.stack([x, y, tf.ones_like(x)], -1)[:, None, :], -1)
     u, v = flow[:, 0], flow[:, 1]
@@ -506,10 +514,51 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
     target = tf.clip_by_value(ry, 0, hc - 1) * wc + tf.clip_by_value(rx, 0, wc - 1)
     same = tf.gather(layer2, target) == layer1
     occlusion = tf.cast(~(inside & same), tf.float32)
-    return {"image1": frames[0], "image2": frames[1], "flow": tf.reshape(flow, [hc, wc, 2]),
-            "valid": tf.ones([hc, wc], tf.float32), "occlusion": tf.reshape(occlusion, [hc, wc])}
+    return frames[0], frames[1], tf.reshape(flow, [hc, wc, 2]), tf.reshape(occlusion, [hc, wc])
 
-  return render
+  signature = (tf.TensorSpec([hc, wc], tf.int64), tf.TensorSpec([hc, wc], tf.int64),
+               tf.TensorSpec([hc, wc, 2], tf.float32), tf.TensorSpec([hc, wc], tf.float32))
+
+  @tf.function(jit_compile=True, autograph=False)
+  def render(raw, geo, table, alpha, sprite_box):
+    # One example per iteration of an XLA while loop, written into its row of the batch outputs (no per-example
+    # outputs copied into a batch afterwards); row i depends only on raw[i] and geo[i].
+    return tf.map_fn(lambda args: render_one(args[0], args[1], table, alpha, sprite_box), (raw, geo),
+                     fn_output_signature=signature)
+
+  @tf.function(jit_compile=True, autograph=False)
+  def colour(im1, im2, photo, keys):
+    """Packed frames (N, hc, wc) int64 -> float32 (N, hc, wc, 3) images, decoded and, with `photometric`,
+    changed by augment.photometric's formula (photo (N, 2, 7): brightness, contrast, colour (3), gamma, noise
+    sigma per frame) plus augment.hash_normal noise (keys (N, 2, 2)). Elementwise per row; the contrast's mean
+    grey level (after colour and brightness) comes from every 4th row and column through exact integer sums of
+    the channels, so no float reduction's rounding depends on the batch size."""
+    out = []
+    for f, packed in enumerate((im1, im2)):
+      lanes = _lanes(packed)  # (N, hc, wc, 3) int64
+      img = tf.cast(tf.cast(lanes, tf.int32), tf.float32) * IMAGE_SCALE
+      if not photometric:
+        out.append(img)
+        continue
+      p = photo[:, f, :, None, None]  # (N, 7, 1, 1)
+      b = lambda v: v[:, :, :, None]  # (N, 1, 1) -> (N, 1, 1, 1)
+      sub = lanes[:, ::4, ::4]
+      sums = tf.cast(tf.reduce_sum(sub, [1, 2]), tf.float32)[:, :, None, None]  # (N, 3, 1, 1)
+      scale = IMAGE_SCALE / float(sub.shape[1] * sub.shape[2] * 3)
+      mean = (sums[:, 0] * p[:, 2] + sums[:, 1] * p[:, 3] + sums[:, 2] * p[:, 4]) * scale + p[:, 0]
+      img = img * tf.transpose(photo[:, f, 2:5, None, None], [0, 2, 3, 1]) + b(p[:, 0])
+      img = b(mean) + (1.0 + b(p[:, 1])) * (img - b(mean))
+      img = augment_lib.pow_unit(tf.clip_by_value(img, 0.0, 1.0), b(p[:, 5]))
+      img = img + augment_lib.hash_normal(keys[:, f], (hc, wc, 3)) * b(p[:, 6])
+      out.append(tf.clip_by_value(img, 0.0, 1.0))
+    return tuple(out)
+
+  def run(raw, geo, photo, keys, table, alpha, sprite_box):
+    im1, im2, flow, occ = render(raw, geo, table, alpha, sprite_box)
+    im1, im2 = colour(im1, im2, photo, keys)
+    return {"image1": im1, "image2": im2, "flow": flow, "valid": tf.ones_like(occ), "occlusion": occ}
+
+  return run
 
 
 def _check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -525,15 +574,90 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"synthetic_chairs: background_scale must be >= 1, got {cfg.background_scale}")
 
 
+_RAW_KEYS = ("background", "bg_u", "bg_n", "rank", "active", "sprite", "chair_u", "chair_n")  # draw_random's
+
+
+class Generator:
+  """On-the-fly Flying Chairs pairs, one at a time (`gen(seed, index)`) or a batch per call (`gen.draw` per
+  example, then `gen.render` on the batched draws, or `gen.batch(seed, indices)`).
+
+  Every output row is a pure function of (seed, example index): row i of a batch has the same bytes as
+  `gen(seed, indices[i])` (the renderer is an XLA while loop over the rows with the same body whatever the
+  batch size, a single example is rendered as a batch of two, and the colour stage is elementwise per row with
+  an exact integer mean). Build with `make_generator`.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, aug: ml_collections.ConfigDict | None,
+               out_size: tuple[int, int], assets_: tuple, render: Callable) -> None:
+    self.config, self.augment, self.out_size = cfg, aug, out_size
+    self._table, self._alpha, self._boxes, bg_shape, sprite_shape = assets_
+    self._nb, self._ns = bg_shape[0], sprite_shape[0]
+    self._render = render
+    self._identity = tf.constant([1.0, 0.0, 0.0, 1.0, 0.0, 0.0] * 2, tf.float32)
+
+  def draw(self, seed: tf.Tensor, index: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The random draws of example `index` (small tensors, plain stateless TF ops): `draw_random`'s dict plus
+    "geo" float32 (12,) output->source maps of the two frames and, with photometric augmentation, "photo"
+    float32 (2, 7) (brightness, contrast, colour (3), gamma, noise sigma per frame) and "noise_keys" int64 (2, 2).
+    Batch these (tf.data batch or tf.stack) and pass them to `render`."""
+    cfg, aug = self.config, self.augment
+    out = dict(draw_random(cfg, self._nb, self._ns, seed, index))
+    if aug is None:
+      out["geo"] = self._identity
+      return out
+    h, w = (int(v) for v in cfg.image_size)
+    params = augment_lib.sample_params(seed, index, aug)
+    m1, t1, m2, t2 = augment_lib.affine_maps(params, (h, w), self.out_size, aug)
+    out["geo"] = tf.cast(tf.concat([tf.reshape(m1, [4]), t1, tf.reshape(m2, [4]), t2], 0), tf.float32)
+    if aug.photometric:
+      out["photo"] = tf.stack([augment_lib._photometric_vector(params, 1),
+                               augment_lib._photometric_vector(params, 2)])
+      out["noise_keys"] = tf.stack([params["noise_key1"], params["noise_key2"]])
+    return out
+
+  def render(self, draws: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Batched draws (each of `draw`'s tensors with a leading batch axis N) -> batch dict: image1, image2
+    float32 (N, H, W, 3) in [0, 1], flow float32 (N, H, W, 2) pixels, valid and occlusion float32 (N, H, W)."""
+    raw = {k: draws[k] for k in _RAW_KEYS}
+    geo = draws["geo"]
+    n = tf.shape(geo)[0]
+    photo = draws["photo"] if "photo" in draws else tf.zeros([n, 2, 7], tf.float32)
+    keys = draws["noise_keys"] if "noise_keys" in draws else tf.zeros([n, 2, 2], tf.int64)
+    if geo.shape[0] != 1:
+      return self._render(raw, geo, photo, keys, self._table, self._alpha, self._boxes)
+    # A single example: XLA would drop the loop over one row and fuse its arithmetic with the surroundings
+    # (other float roundings than in a batch). Render it twice as a batch of two (single examples are for
+    # evaluation and inspection, not the training stream).
+    pad = lambda t: tf.concat([t, t], 0)
+    out = self._render(tf.nest.map_structure(pad, raw), pad(geo), pad(photo), pad(keys), self._table,
+                       self._alpha, self._boxes)
+    return {k: v[:1] for k, v in out.items()}
+
+  def batch(self, seed: tf.Tensor, indices: Any) -> dict[str, tf.Tensor]:
+    """The examples `indices` (int64 (N,)) of stream `seed` as one batch (see `render`)."""
+    indices = tf.cast(indices, tf.int64)
+    n = int(indices.shape[0])
+    per = [self.draw(seed, indices[i]) for i in range(n)]
+    return self.render({k: tf.stack([d[k] for d in per]) for k in per[0]})
+
+  def __call__(self, seed: tf.Tensor, index: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Example `index` of stream `seed` (unbatched: image1, image2 (H, W, 3), flow (H, W, 2), valid,
+    occlusion (H, W))."""
+    out = self.render({k: v[None] for k, v in self.draw(seed, index).items()})
+    return {k: v[0] for k, v in out.items()}
+
+
 def make_generator(config: ml_collections.ConfigDict, augment: ml_collections.ConfigDict | None = None,
-                   crop_size: tuple[int, int] | None = None) -> Callable[[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
-  """Loads (or generates and caches) the assets once and returns gen(seed, index) -> element dict.
+                   crop_size: tuple[int, int] | None = None) -> Generator:
+  """Loads (or generates and caches) the assets once and returns a `Generator`: gen(seed, index) -> element dict.
 
   gen takes int64 scalar tensors (Python ints work too) and returns TF tensors: image1, image2 float32
   (H, W, 3) in [0, 1]; flow float32 (H, W, 2) in pixels (u right, v down, frame 1 -> frame 2); valid float32
   (H, W) of ones; occlusion float32 (H, W), 1 = occluded or out of view in frame 2. Graph-mode safe (use it in
-  tf.data.Dataset.map); the output is a pure function of (seed, index). Generators are memoised per config
-  within a process (user folders are read once).
+  tf.data.Dataset.map); the output is a pure function of (seed, index). Batches: `gen.render` of batched
+  `gen.draw` outputs (what the training pipeline does: draws per example, one render call per batch, no batch
+  copy of the images), same bytes per row. Generators are memoised per config within a process (user folders
+  are read once).
 
   With `augment` (an `augment.default_config()`) and `crop_size` (hc, wc), gen returns the FlowNet-augmented
   crop of the pair directly, at (hc, wc): the augmentation's output->source maps (drawn by
@@ -541,7 +665,7 @@ def make_generator(config: ml_collections.ConfigDict, augment: ml_collections.Co
   an image_size source) are composed with the layers' affine maps, so each layer is sampled once from its
   photo or sprite, flow and occlusion stay exact for the crop (occlusion = hidden, or out of the frame-2 crop),
   and valid is 1 everywhere (the background photo extends beyond the frame by reflection, so every pixel has
-  data). Photometric changes (if enabled) follow in a second XLA function (`augment.photometric_pair`).
+  data). Photometric changes (if enabled; `augment.photometric`'s formula) follow in a second XLA function.
   """
   cfg = config
   _check_config(cfg)
@@ -555,27 +679,11 @@ def make_generator(config: ml_collections.ConfigDict, augment: ml_collections.Co
   out_size = (h, w) if crop_size is None else (int(crop_size[0]), int(crop_size[1]))
   if out_size[0] <= 0 or out_size[1] <= 0:
     raise ValueError(f"synthetic_chairs: crop_size must be positive, got {tuple(crop_size)}")
-  table, alpha, boxes, bg_shape, sprite_shape = _load_assets(cfg)
-  render = _make_renderer(cfg, bg_shape, sprite_shape, out_size)
-  nb, ns = bg_shape[0], sprite_shape[0]
+  loaded = _load_assets(cfg)
   cfg = ml_collections.ConfigDict(cfg.to_dict())  # Snapshot: later edits of `config` do not leak in.
   aug = None if augment is None else ml_collections.ConfigDict(augment.to_dict())
-  identity = tf.constant([1.0, 0.0, 0.0, 1.0, 0.0, 0.0] * 2, tf.float32)
-  finish = _finisher(aug is not None and bool(aug.photometric))
-
-  def gen(seed: tf.Tensor, index: tf.Tensor) -> dict[str, tf.Tensor]:
-    raw = draw_random(cfg, nb, ns, seed, index)
-    if aug is None:
-      out = render(raw, identity, table, alpha, boxes)
-      out["image1"], out["image2"] = finish(out["image1"], out["image2"])
-      return out
-    params = augment_lib.sample_params(seed, index, aug)
-    m1, t1, m2, t2 = augment_lib.affine_maps(params, (h, w), out_size, aug)
-    geo = tf.cast(tf.concat([tf.reshape(m1, [4]), t1, tf.reshape(m2, [4]), t2], 0), tf.float32)
-    out = render(raw, geo, table, alpha, boxes)
-    out["image1"], out["image2"] = finish(out["image1"], out["image2"], params)
-    return out
-
+  render = _make_renderer(cfg, loaded[3], loaded[4], out_size, aug is not None and bool(aug.photometric))
+  gen = Generator(cfg, aug, out_size, loaded, render)
   _GENERATORS[key] = gen
   return gen
 
@@ -594,34 +702,6 @@ def _load_assets(cfg: ml_collections.ConfigDict) -> tuple:
   table = np.concatenate([_pack_rgb(backgrounds).reshape(-1), _pack_rgb(sprites[..., :3]).reshape(-1)])
   return (tf.constant(table), tf.constant(sprites[..., 3].reshape(-1)), tf.constant(_sprite_boxes(sprites)),
           backgrounds.shape, sprites.shape)
-
-
-def _finisher(photometric: bool) -> Callable:
-  """finish(packed1, packed2[, params]) -> float32 (H, W, 3) images: decodes the renderer's packed colours and,
-  with `photometric`, applies the FlowNet photometric changes of `augment` (params from
-  augment.sample_params) with `augment.hash_normal` noise, all in one XLA function (elementwise, vectorised)."""
-
-  @tf.function(jit_compile=True, autograph=False)
-  def decode(im1, im2):
-    return unpack_rgb(im1), unpack_rgb(im2)
-
-  @tf.function(jit_compile=True, autograph=False)
-  def colour(im1, im2, p1, p2, keys):
-    out = []
-    for im, p, k in ((im1, p1, keys[0]), (im2, p2, keys[1])):
-      img = augment_lib.photometric(unpack_rgb(im), p[0], p[1], p[2:5], p[5], 0.0, None, clip=False,
-                                    mean_stride=4)
-      img = img + augment_lib.hash_normal(k, tuple(img.shape)) * p[6]
-      out.append(tf.clip_by_value(img, 0.0, 1.0))
-    return tuple(out)
-
-  def finish(im1, im2, params=None):
-    if not photometric:
-      return decode(im1, im2)
-    return colour(im1, im2, augment_lib._photometric_vector(params, 1), augment_lib._photometric_vector(params, 2),
-                  tf.stack([params["noise_key1"], params["noise_key2"]]))
-
-  return finish
 
 
 # ------------------------------------------------------------------------------------------------------------

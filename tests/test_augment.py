@@ -254,3 +254,12 @@ def test_hash_normal_is_keyed_standard_noise():
   for other in ([11, 13], [12, 12]):
     w = augment.hash_normal(tf.constant(other, tf.int64), (300, 400)).numpy()
     assert abs(np.corrcoef(z.ravel(), w.ravel())[0, 1]) < 0.01
+
+
+def test_hash_normal_rows_of_a_key_batch_equal_single_keys():
+  keys = tf.constant([[11, 12], [3, -4], [11, 13]], tf.int64)
+  batch = augment.hash_normal(keys, (5, 7, 3)).numpy()
+  assert batch.shape == (3, 5, 7, 3)
+  for i in range(3):
+    np.testing.assert_array_equal(batch[i], augment.hash_normal(keys[i], (5, 7, 3)).numpy())
+  assert not np.array_equal(batch[0], batch[2])

@@ -390,3 +390,47 @@ def test_opaque_strips_cover_every_opaque_texel_and_do_not_change_the_output(mon
   for a, b in zip(*outputs):
     for k in a:
       assert a[k].tobytes() == b[k].tobytes(), k
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batches rendered in one call (Generator.draw per example, Generator.render per batch).
+
+
+def test_batch_rows_have_the_bytes_of_examples_rendered_alone():
+  # The training pipeline renders a whole batch per call; every row must be the example rendered alone (the
+  # per-process batches of a step concatenate to the one-process batch only if rows ignore the batch size).
+  cfg = _small_config()
+  for g in (sc.make_generator(cfg), sc.make_generator(cfg, _aug_config(), (64, 96))):
+    indices = [9, 2, 5]
+    batch = {k: v.numpy() for k, v in g.batch(tf.constant(4, tf.int64), tf.constant(indices, tf.int64)).items()}
+    assert batch["image1"].shape[0] == 3
+    for row, index in enumerate(indices):
+      alone = _example(g, 4, index)
+      for k in alone:
+        assert batch[k][row].tobytes() == alone[k].tobytes(), (row, k)
+    assert not np.array_equal(batch["image1"][0], batch["image1"][1])
+
+
+def test_photometric_colour_stage_follows_the_flowNet_formula():
+  # The generator's colour stage (exact integer mean, batched parameters) against a float64 numpy evaluation of
+  # augment.photometric's order on the same geometric render: colour, brightness, contrast about the mean grey
+  # level (of every 4th row and column), clip, gamma, hash noise, clip.
+  from data_pipelines import augment
+  cfg = _small_config()
+  g = sc.make_generator(cfg, _aug_config(), (64, 96))
+  plain = sc.make_generator(cfg, _aug_config(photometric=False), (64, 96))
+  seed = tf.constant(6, tf.int64)
+  checked = 0
+  for index in range(4):
+    d = g.draw(seed, tf.constant(index, tf.int64))
+    photo, keys = d["photo"].numpy().astype(np.float64), d["noise_keys"]
+    got, ref = _example(g, 6, index), _example(plain, 6, index)
+    for f in range(2):
+      bright, con, col, gamma, sigma = photo[f, 0], photo[f, 1], photo[f, 2:5], photo[f, 5], photo[f, 6]
+      img = ref[f"image{f + 1}"].astype(np.float64) * col + bright
+      mean = img[::4, ::4].mean()
+      img = np.clip(mean + (1 + con) * (img - mean), 0, 1) ** gamma
+      img = img + augment.hash_normal(keys[f], (64, 96, 3)).numpy() * sigma
+      np.testing.assert_allclose(got[f"image{f + 1}"], np.clip(img, 0, 1), rtol=0, atol=2e-4)
+      checked += sigma > 0.005 and abs(con) > 0.1
+  assert checked >= 2  # noise and contrast really exercised
