@@ -6,8 +6,8 @@ the model (params / batch_stats of a TrainState or of a restored checkpoint) on 
 step that returns the summed metrics of jaxflow.metrics (padded rows have valid = 0 and do not count), adds
 them on the host in float64 / int64, and finalises them, so each number is the mean over all valid pixels of
 the set: epe, outlier_{1,3,5}px, fl_all, the Sintel speed bands (and epe_occ / epe_noc when the set has
-occlusion masks). The trainer keeps its own evaluation loop for now; this module offers the same with the
-full metric set, for the trainer to adopt.
+occlusion masks). The trainer's own evaluation loop (sharded over its mesh, padded per process) reports the same
+metric set through jaxflow.steps.eval_sums, plus the zero-flow baseline.
 """
 
 from __future__ import annotations

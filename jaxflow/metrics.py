@@ -78,8 +78,9 @@ def fl_outlier_map(pred, gt, abs_thresh: float = FL_ABS_THRESH, rel_thresh: floa
   return ((epe > abs_thresh) & (epe > rel_thresh * mag)).astype(jnp.float32)
 
 
-def _valid_mask(gt: jax.Array, valid) -> jax.Array:
-  """bool (..., H, W): valid > 0.5 and ground truth known."""
+def valid_mask(gt: jax.Array, valid) -> jax.Array:
+  """bool (..., H, W): the evaluated pixels, valid > 0.5 (when given) and ground truth known (finite, below the
+  unknown-flow threshold)."""
   known = jnp.all(jnp.isfinite(gt) & (jnp.abs(gt) <= UNKNOWN_FLOW_THRESH), axis=-1)
   if valid is None:
     return known
@@ -95,7 +96,7 @@ def per_image_epe(pred, gt, valid=None) -> jax.Array:
   pred, gt = _check_shapes(pred, gt, valid, where="per_image_epe")
   if pred.ndim != 4:
     raise ValueError(f"per_image_epe: expected batched flows (B, H, W, 2), got {pred.shape}")
-  mask = _valid_mask(gt, valid)
+  mask = valid_mask(gt, valid)
   epe = jnp.sqrt(jnp.sum(jnp.square(pred - gt), axis=-1))
   total = jnp.sum(jnp.where(mask, epe, 0.0), axis=(1, 2))
   count = jnp.sum(mask, axis=(1, 2))
@@ -120,7 +121,7 @@ def flow_metric_sums(pred, gt, valid=None, occlusion=None) -> dict[str, jax.Arra
     exact up to 2^31 pixels per batch; accumulate across batches with :func:`accumulate_sums`.
   """
   pred, gt = _check_shapes(pred, gt, valid, occlusion, where="flow_metric_sums")
-  mask = _valid_mask(gt, valid)
+  mask = valid_mask(gt, valid)
   safe_gt = jnp.where(mask[..., None], gt, 0.0)
   epe = jnp.sqrt(jnp.sum(jnp.square(pred - safe_gt), axis=-1))
   speed = jnp.sqrt(jnp.sum(jnp.square(safe_gt), axis=-1))

@@ -10,16 +10,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxflow.metrics import fl_outlier_map
+from jaxflow import metrics as metrics_lib
 from jaxflow.train_state import TrainState, wrap_key
 
 LossFn = Callable[[dict[str, Any], dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
-
-# Outlier thresholds (pixels) of the evaluation sums.
-OUTLIER_THRESHOLDS = (1.0, 3.0, 5.0)
-
 
 def masked_epe(flow: jax.Array, gt: jax.Array, valid: jax.Array) -> jax.Array:
   """Mean end-point error (pixels, float32 scalar) over valid pixels; flow, gt (B, H, W, 2), valid (B, H, W)."""
@@ -80,38 +77,47 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: LossF
   return train_step
 
 
-def eval_sums(flow: jax.Array, gt: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
-  """Summed evaluation metrics over a batch (float32 scalars; divide by `count` for means).
+def eval_sums(flow: jax.Array, gt: jax.Array, valid: jax.Array,
+              occlusion: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Summed evaluation metrics of one batch: jaxflow.metrics.flow_metric_sums plus the zero-flow baseline.
 
-  epe: sum of per-pixel end-point errors over valid pixels; out{t}px: number of valid pixels with EPE > t;
-  fl_all: number of valid pixels that are KITTI outliers (EPE > 3 px and > 5 % of the true flow's length:
-  jaxflow.metrics.fl_outlier_map); zero_epe: the same EPE sum for a zero-flow prediction (the baseline); count: number
-  of valid pixels.
+  flow, gt (B, H, W, 2) pixels; valid, occlusion (B, H, W) (> 0.5 = evaluated / occluded). Returns the float32 EPE
+  sums and int32 counts of flow_metric_sums (EPE, 1/3/5 px outliers, KITTI Fl, the Sintel speed bands, and the
+  occluded / non-occluded split when `occlusion` is given) and ``zero_epe_sum``: the EPE sum of a zero-flow
+  prediction over the same pixels. Accumulate batches on the host with :func:`jaxflow.metrics.accumulate_sums` (float64 /
+  int64: float32 running sums drift past 2^24 pixels) and finish with :func:`finalize_sums`.
   """
-  valid = valid.astype(jnp.float32)
-  err = jnp.linalg.norm(flow.astype(jnp.float32) - gt, axis=-1)
-  speed = jnp.linalg.norm(gt, axis=-1)
-  sums = {"epe": jnp.sum(err * valid), "count": jnp.sum(valid), "zero_epe": jnp.sum(speed * valid)}
-  for t in OUTLIER_THRESHOLDS:
-    sums[f"out{int(t)}px"] = jnp.sum((err > t).astype(jnp.float32) * valid)
-  sums["fl_all"] = jnp.sum(fl_outlier_map(flow, gt) * valid)
+  sums = metrics_lib.flow_metric_sums(flow.astype(jnp.float32), gt, valid, occlusion)
+  gt = jnp.asarray(gt, jnp.float32)
+  speed = jnp.sqrt(jnp.sum(jnp.square(gt), axis=-1))
+  sums["zero_epe_sum"] = jnp.sum(jnp.where(metrics_lib.valid_mask(gt, valid), speed, 0.0), dtype=jnp.float32)
   return sums
 
 
 def finalize_sums(sums: dict[str, Any]) -> dict[str, float]:
-  """Means from accumulated `eval_sums`: epe, zero_epe (pixels), out{t}px and fl_all (fractions in [0, 1])."""
-  count = float(sums["count"])
+  """Means from accumulated `eval_sums`: metrics.finalize's (epe, outlier_{1,3,5}px, fl_all, s0_10, s10_40,
+  s40plus, epe_occ / epe_noc with occlusion; pixels or fractions) and zero_epe (pixels), as Python floats.
+
+  Raises ValueError when no pixel was evaluated (count == 0).
+  """
+  count = int(np.asarray(sums["count"]))
   if count <= 0:
     raise ValueError("evaluation saw no valid pixels (count == 0)")
-  return {k: float(v) / count for k, v in sums.items() if k != "count"}
+  out = metrics_lib.finalize({k: v for k, v in sums.items() if k != "zero_epe_sum"})
+  out["zero_epe"] = float(np.asarray(sums["zero_epe_sum"], np.float64)) / count
+  out["num_pixels"] = float(out["num_pixels"])
+  return out
 
 
 def make_eval_step(model: Any) -> Callable[[TrainState, dict[str, jax.Array]], tuple[dict[str, jax.Array], jax.Array]]:
-  """eval_step(state, batch) -> (sums as in eval_sums, predicted flow (B, H, W, 2) float32)."""
+  """eval_step(state, batch) -> (sums as in eval_sums, predicted flow (B, H, W, 2) float32).
+
+  The batch's optional ``occlusion`` (B, H, W) adds the occluded / non-occluded EPE split.
+  """
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
     outputs, _ = _apply(model, state.params, state.batch_stats, batch, False, None)
     flow = outputs["flow"].astype(jnp.float32)
-    return eval_sums(flow, batch["flow"], batch["valid"]), flow
+    return eval_sums(flow, batch["flow"], batch["valid"], batch.get("occlusion")), flow
 
   return eval_step

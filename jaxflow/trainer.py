@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from jaxflow import checkpointing, exec_cache, optim, parallel, param_init, steps
+from jaxflow import metrics as metrics_lib
 from jaxflow.train_state import INIT_SIZE, TrainState, create_train_state, make_init_fn, param_count
 
 TrainIterFn = Callable[..., Iterable[dict[str, np.ndarray]]]
@@ -124,6 +125,10 @@ class MetricWriter:
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+
+
+# Evaluation metrics printed on the console line (all of steps.finalize_sums go to the logs).
+_CONSOLE_METRICS = ("epe", "zero_epe", "outlier_3px", "fl_all", "epe_occ", "epe_noc")
 
 
 def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -323,15 +328,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                   process_count=nproc)):
         if ev.num_batches and i >= ev.num_batches:
           break
-        host_batch = _pad_batch({k: host_batch[k] for k in ("image1", "image2", "flow", "valid")}, per_process)
+        keys = ("image1", "image2", "flow", "valid") + (("occlusion",) if "occlusion" in host_batch else ())
+        host_batch = _pad_batch({k: host_batch[k] for k in keys}, per_process)
         batch = parallel.to_global(host_batch, mesh)
         s, flow = eval_step(state, batch)
-        sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+        # Summed on the host in float64 / int64 (exact pixel counts for any set size).
+        sums = metrics_lib.accumulate_sums(sums, s)
         if i == 0:
           first = (host_batch, flow)
       if sums is None:
         raise ValueError(f"evaluation {name!r} (dataset {ev.dataset!r}) produced no batches")
-      means = steps.finalize_sums(jax.device_get(sums))
+      means = steps.finalize_sums(sums)
       results.update({f"{name}/{k}": v for k, v in means.items()})
       if config.log_images and writer._tb is not None and first is not None:
         _write_flow_images(writer, step, name, first[0], first[1])
@@ -377,7 +384,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             results = evaluate(state, step)
             _update_best(best, results, key_metric, step)
             writer.write(step, results)
-            _log(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+            # The console gets the headline figures; metrics.jsonl and TensorBoard get every one.
+            shown = {k: v for k, v in results.items() if k.rsplit("/", 1)[-1] in _CONSOLE_METRICS}
+            _log(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
           if (step % config.checkpoint_every_steps == 0) and not at_end:
             _check_finite(state, ckpt)
             ckpt.save(step, state)

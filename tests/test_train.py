@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -90,6 +91,17 @@ def test_logs_config_and_checkpoints(reference):
   gt = np.stack([th.example(10_000, i)["flow"] for i in range(6)])
   assert final["synthetic_val/zero_epe"] == pytest.approx(np.linalg.norm(gt, axis=-1).mean(), rel=1e-5)
   assert result["final"]["synthetic_val/epe"] == pytest.approx(final["synthetic_val/epe"])
+  # The full metric set of jaxflow.metrics: pixel count (padding rows excluded), speed bands (every true flow here
+  # is under 10 px), and the occlusion split of the set's masks, which must recompose the overall EPE.
+  assert final["synthetic_val/num_pixels"] == gt.shape[0] * gt.shape[1] * gt.shape[2]
+  assert final["synthetic_val/s0_10"] == pytest.approx(final["synthetic_val/epe"])
+  assert math.isnan(final["synthetic_val/s10_40"]) and math.isnan(final["synthetic_val/s40plus"])
+  n_occ = sum(e["occlusion"].sum() for e in th.fake_eval_iter(th.tiny_config(), "synthetic_val", batch_size=6,
+                                                               process_index=0, process_count=1))
+  assert 0 < n_occ < final["synthetic_val/num_pixels"]
+  recomposed = (final["synthetic_val/epe_occ"] * n_occ
+                + final["synthetic_val/epe_noc"] * (final["synthetic_val/num_pixels"] - n_occ))
+  assert recomposed / final["synthetic_val/num_pixels"] == pytest.approx(final["synthetic_val/epe"], rel=1e-5)
   cfg = json.load(open(os.path.join(workdir, "config.json")))
   assert cfg["model"]["name"] == "tiny_test" and cfg["batch_size"] == 4
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]

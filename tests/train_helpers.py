@@ -76,7 +76,8 @@ def fake_train_iter(config, *, start_step: int, process_index: int, process_coun
 
 def fake_eval_iter(config, name: str, *, batch_size: int, process_index: int, process_count: int
                    ) -> Iterator[dict[str, np.ndarray]]:
-  """A fixed held-out set of 6 pairs (seed 10_000); the last batch of 4 is padded with valid = 0 rows."""
+  """A fixed held-out set of 6 pairs (seed 10_000) with out-of-view occlusion masks; the last batch of 4 is padded
+  with valid = 0 rows."""
   if name != "synthetic_val":
     raise ValueError(f"unknown eval set {name!r}")
   per = batch_size // process_count
@@ -85,6 +86,11 @@ def fake_eval_iter(config, name: str, *, batch_size: int, process_index: int, pr
     rows = []
     for i in range(start + process_index * per, start + (process_index + 1) * per):
       e = example(10_000, min(i, n - 1), tuple(config.data.crop_size))
+      # Occlusion as the pipeline defines it: pixels of frame 1 whose flow leaves the frame (out of view).
+      h, w = e["valid"].shape
+      ys, xs = np.mgrid[0:h, 0:w]
+      x2, y2 = xs + e["flow"][..., 0], ys + e["flow"][..., 1]
+      e["occlusion"] = ((x2 < 0) | (x2 > w - 1) | (y2 < 0) | (y2 > h - 1)).astype(np.float32)
       if i >= n:  # padding rows, as the real pipeline does: zeros with valid = 0
         e = {k: np.zeros_like(v) for k, v in e.items()}
       rows.append(e)
