@@ -21,7 +21,11 @@ frame samples, for every pixel, the image of its layer (photo via its affine map
 or the chair's sprite), bilinearly from an int32 table of packed texels, as one int64 per pixel (three 21-bit
 colour lanes: XLA computes coordinates and gathers once per pixel, not once per channel), and one pass computes
 flow (one gather of the layer's (2, 3) flow map per pixel) and occlusion. A second small XLA
-function decodes the colours (and applies the photometric augmentation). With augmentation
+function decodes the colours (and applies the photometric augmentation). A batch is rendered per call
+(`Generator.draw` per example, `Generator.render` per batch: the training pipeline's path): the examples are
+the iterations of an XLA while loop writing their rows of the batch outputs in place, so no per-example frames
+are copied into a batch (tf.data's batch copy was ~9 % of the CPU time per pair); every row has the bytes of
+its example rendered alone. With augmentation
 (`make_generator(config, augment, crop_size)`, used by the training pipeline), the augmentation's output->source
 maps are composed into every layer's map, so the augmented crop is rendered directly: no full-size intermediate,
 no second resampling, flow and occlusion still exact. Pixel centres are at integer coordinates (x = column, y =
