@@ -292,7 +292,7 @@ def test_conv2d_im2col_values_and_grads(xs, ws, s, padding, d):
 
 def test_conv2d_takes_the_patch_product_only_for_few_positions_and_many_channels(monkeypatch):
   """Selection: few output positions with C_out > 8 and C_in <= 4 C_out -> conv2d_im2col (through conv2d, same
-  values as lax); conv2d_concat, more positions, C_out <= 8, a wider input or impl 'lax' -> not."""
+  values as lax); conv2d_concat, more positions, C_out <= 8, a wider input, bfloat16 or impl 'lax' -> not."""
   calls = []
   orig = conv_ops.conv2d_im2col
   monkeypatch.setattr(conv_ops, "conv2d_im2col", lambda *a: calls.append(a[0].shape) or orig(*a))
@@ -310,6 +310,7 @@ def test_conv2d_takes_the_patch_product_only_for_few_positions_and_many_channels
   conv_ops.conv2d(jnp.concatenate([x] * 4, -1)[..., :65], jnp.zeros((3, 3, 65, 16)), (1, 1), pad,
                   impl="matmul")  # C_in 65 > 4 * 16
   conv_ops.conv2d(x, wt, (1, 1), pad, impl="lax")
+  conv_ops.conv2d(x.astype(jnp.bfloat16), wt.astype(jnp.bfloat16), (1, 1), pad, impl="matmul")  # float32 only
   monkeypatch.setattr(conv_ops, "_IM2COL_MAX_POSITIONS", 2 * 4 * 6 - 1)
   conv_ops.conv2d(x, wt, (1, 1), pad, impl="matmul")  # one position too many
   assert calls == []
