@@ -293,6 +293,7 @@ def test_conv2d_im2col_values_and_grads(xs, ws, s, padding, d):
 def test_conv2d_takes_the_patch_product_only_for_few_positions_and_many_channels(monkeypatch):
   """Selection: few output positions with C_out > 8 and C_in <= 4 C_out -> conv2d_im2col (through conv2d, same
   values as lax); conv2d_concat, more positions, C_out <= 8, a wider input, bfloat16 or impl 'lax' -> not."""
+  monkeypatch.setattr(conv_ops, "_IM2COL_MIN_CHANNEL_PRODUCT", 0)  # small channels below; the default at the end
   calls = []
   orig = conv_ops.conv2d_im2col
   monkeypatch.setattr(conv_ops, "conv2d_im2col", lambda *a: calls.append(a[0].shape) or orig(*a))
@@ -314,6 +315,14 @@ def test_conv2d_takes_the_patch_product_only_for_few_positions_and_many_channels
   monkeypatch.setattr(conv_ops, "_IM2COL_MAX_POSITIONS", 2 * 4 * 6 - 1)
   conv_ops.conv2d(x, wt, (1, 1), pad, impl="matmul")  # one position too many
   assert calls == []
+  # The default channel bound: 20 x 16 (SpyNet / PWC-Net-sized) stays on XLA's convolution, 256 x 256 does not.
+  monkeypatch.undo()
+  monkeypatch.setattr(conv_ops, "conv2d_im2col", lambda *a: calls.append(a[0].shape) or orig(*a))
+  conv_ops.conv2d(x, wt, (1, 1), pad, impl="matmul")
+  assert calls == []
+  big = jnp.asarray(rng.normal(size=(1, 2, 2, 256)), jnp.float32)
+  conv_ops.conv2d(big, jnp.zeros((3, 3, 256, 256)), (1, 1), pad, impl="matmul")
+  assert calls == [(1, 2, 2, 256)]
 
 
 # (x shape, kernel shape, strides, padding): FlowNet / PWC-Net's 4x4 / 2 with padding 2 (doubles the size),

@@ -18,8 +18,9 @@ one padded copy of g per tap (freed after its product); nothing tap x channel x 
 Numerics: the same sums in a different order (float32 products and accumulation; bfloat16 inputs accumulate
 in float32 and the gradient is returned in the kernel's dtype). Tested against lax's own gradient.
 
-Small problems (`conv2d_im2col`): with at most _IM2COL_MAX_POSITIONS output positions and more than 8 output
-channels (FlowNet's conv4-conv6 at 2x2 .. 8x8, PWC-Net's coarse levels) the CPU convolution is one product of
+Small problems (`conv2d_im2col`): with at most _IM2COL_MAX_POSITIONS output positions, more than 8 output
+channels and at least _IM2COL_MIN_CHANNEL_PRODUCT C_in x C_out (FlowNet's conv3_1-conv6 at 2x2 .. 16x16) the CPU
+convolution is one product of
 its patch matrix with the kernel, differentiated by jax: XLA:CPU's own convolution and its input gradient ran
 at 0.5-20 GFLOP per CPU-second there. Transposed convolutions (`conv_transpose2d`, the models' deconvs) are
 one product and an overlap-add on CPU, for the same reason (XLA's weight gradient: 2-5 GFLOP per CPU-second).
@@ -374,6 +375,11 @@ _conv_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
 # 1.55x, 256 -> 256 at 16x16 b4 (1,024 positions) 1.08x, 512 -> 512 at 12x14 b8 (1,344) 1.07x; at 24x28 b8
 # (5,376) 0.81x, i.e. slower).
 _IM2COL_MAX_POSITIONS = 1536
+# ... and only for kernels with at least this many C_in x C_out: XLA's convolution collapses with many channels
+# (FlowNet's 256-1024), while with SpyNet's (<= 64) and PWC-Net's (<= 196 x 196) the patch product changed the
+# step by 0.97-1.10x and 1.02-1.03x but lengthened the step's compile (SpyNet 128x128 b4: 15.1 / 18.0 s against
+# 28.1 / 26.4 s, step_ab in both orders, quiet machine).
+_IM2COL_MIN_CHANNEL_PRODUCT = 256 * 256
 
 
 def _use_im2col(x_shape, w_shape, strides, padding, dilation) -> bool:
@@ -384,7 +390,8 @@ def _use_im2col(x_shape, w_shape, strides, padding, dilation) -> bool:
   # Few output channels (predict_flow: C_out 2), or a kernel much wider than its output, stay on the other path:
   # there the patch matrix is the larger operand (386 -> 2 at 16x16 b4: 14.7 against 2.5 CPU-ms for the three
   # passes; PWC-Net's dense 565 -> 64 at 12x16 b8: 0.35x).
-  return n * ho * wo <= _IM2COL_MAX_POSITIONS and w_shape[3] > 8 and 4 * w_shape[3] >= w_shape[2]
+  return (n * ho * wo <= _IM2COL_MAX_POSITIONS and w_shape[3] > 8 and 4 * w_shape[3] >= w_shape[2]
+          and w_shape[2] * w_shape[3] >= _IM2COL_MIN_CHANNEL_PRODUCT)
 
 
 def _normalise(strides, padding, dilation) -> tuple[tuple[int, int], tuple[tuple[int, int], ...], tuple[int, int]]:
