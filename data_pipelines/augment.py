@@ -239,16 +239,24 @@ def pow_unit(x: tf.Tensor, gamma: tf.Tensor) -> tf.Tensor:
 
 
 def photometric(image: tf.Tensor, brightness: Any, contrast: Any, color: Any, gamma: Any,
-                noise_sigma: Any, noise_key: Any | None, clip: bool = True, mean_stride: int = 1) -> tf.Tensor:
+                noise_sigma: Any, noise_key: Any | None, clip: bool = True, mean_stride: int = 1,
+                mean: Any | None = None) -> tf.Tensor:
   """FlowNet photometric changes on one float32 (H, W, 3) image in [0, 1] (order in the module docstring).
 
   The mean grey level for contrast is the mean of the channel-mean over the image after colour and brightness.
   Noise is N(0, noise_sigma) per pixel and channel from `noise_key` (None: no noise). clip=False skips the
   final clip to [0, 1] (for callers adding their own noise). mean_stride > 1 estimates the mean grey level from
-  every mean_stride-th row and column (much cheaper under XLA, which otherwise splits the pass in two).
+  every mean_stride-th row and column (much cheaper under XLA, which otherwise splits the pass in two). `mean`,
+  if given, is that mean grey level computed by the caller (e.g. exactly, from integer colours); with it the
+  image may be a batch (N, H, W, 3) and every parameter broadcastable to it (e.g. brightness (N, 1, 1, 1)).
   """
   image = image * tf.cast(color, tf.float32) + tf.cast(brightness, tf.float32)
-  mean = tf.reduce_mean(image) if mean_stride == 1 else tf.reduce_mean(image[::mean_stride, ::mean_stride])
+  if mean is not None:
+    mean = tf.cast(mean, tf.float32)
+  elif mean_stride == 1:
+    mean = tf.reduce_mean(image)
+  else:
+    mean = tf.reduce_mean(image[::mean_stride, ::mean_stride])
   image = mean + (1.0 + tf.cast(contrast, tf.float32)) * (image - mean)
   image = pow_unit(tf.clip_by_value(image, 0.0, 1.0), tf.cast(gamma, tf.float32))
   if noise_key is not None:

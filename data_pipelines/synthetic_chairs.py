@@ -533,7 +533,7 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
   @tf.function(jit_compile=True, autograph=False)
   def colour(im1, im2, photo, keys):
     """Packed frames (N, hc, wc) int64 -> float32 (N, hc, wc, 3) images, decoded and, with `photometric`,
-    changed by augment.photometric's formula (photo (N, 2, 7): brightness, contrast, colour (3), gamma, noise
+    changed by augment.photometric (photo (N, 2, 7): brightness, contrast, colour (3), gamma, noise
     sigma per frame) plus augment.hash_normal noise (keys (N, 2, 2)). Elementwise per row; the contrast's mean
     grey level (after colour and brightness) comes from every 4th row and column through exact integer sums of
     the channels, so no float reduction's rounding depends on the batch size."""
@@ -550,9 +550,9 @@ def _make_renderer(cfg: ml_collections.ConfigDict, bg_shape: tuple, sprite_shape
       sums = tf.cast(tf.reduce_sum(sub, [1, 2]), tf.float32)[:, :, None, None]  # (N, 3, 1, 1)
       scale = IMAGE_SCALE / float(sub.shape[1] * sub.shape[2] * 3)
       mean = (sums[:, 0] * p[:, 2] + sums[:, 1] * p[:, 3] + sums[:, 2] * p[:, 4]) * scale + p[:, 0]
-      img = img * tf.transpose(photo[:, f, 2:5, None, None], [0, 2, 3, 1]) + b(p[:, 0])
-      img = b(mean) + (1.0 + b(p[:, 1])) * (img - b(mean))
-      img = augment_lib.pow_unit(tf.clip_by_value(img, 0.0, 1.0), b(p[:, 5]))
+      colour_gain = tf.transpose(photo[:, f, 2:5, None, None], [0, 2, 3, 1])  # (N, 1, 1, 3)
+      img = augment_lib.photometric(img, b(p[:, 0]), b(p[:, 1]), colour_gain, b(p[:, 5]), 0.0, None, clip=False,
+                                    mean=b(mean))
       img = img + augment_lib.hash_normal(keys[:, f], (hc, wc, 3)) * b(p[:, 6])
       out.append(tf.clip_by_value(img, 0.0, 1.0))
     return tuple(out)

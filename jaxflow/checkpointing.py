@@ -97,11 +97,8 @@ class Checkpointer:
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{'params/conv1/kernel': shape, ...} of a state, an abstract state or orbax tree metadata (None leaves dropped)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    out["/".join(names)] = tuple(getattr(leaf, "shape", ()))
-  return out
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def restore_params(workdir: str, abstract_state: Any, step: int | None = None) -> Any:

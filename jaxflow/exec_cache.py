@@ -373,7 +373,7 @@ class CachedFunction:
         self.timings["load"] = time.perf_counter() - t
         self.hit = True
         touch(path)
-        self._remember(path)
+        self._remember()
         self.log(f"{self.name}: loaded the compiled executable {os.path.basename(path)} "
                  f"({self.timings['load']:.1f} s; no tracing or compiling)")
         return compiled
@@ -408,7 +408,7 @@ class CachedFunction:
       t = time.perf_counter()
       try:
         store(path, compiled)
-        self._remember(path)
+        self._remember()
         removed = evict(self.cache_dir, self.max_bytes, keep=(path,))
         if removed:
           self.log(f"{self.name}: evicted {len(removed)} least recently used entries (bound "
@@ -418,9 +418,8 @@ class CachedFunction:
       self.timings["store"] = time.perf_counter() - t
     return compiled
 
-  def _remember(self, path: str) -> None:
+  def _remember(self) -> None:
     """Records this key as the one (name, key parts, environment) used last, for `prefetch`."""
-    del path
     try:
       _write_atomic(_last_used_path(self.cache_dir, self.name, self.key_parts, self.compiler_options),
                     self.key.encode())

@@ -20,9 +20,8 @@ in float32 and the gradient is returned in the kernel's dtype). Tested against l
 
 Small problems (`conv2d_im2col`): with at most _IM2COL_MAX_POSITIONS output positions, more than 8 output
 channels and at least _IM2COL_MIN_CHANNEL_PRODUCT C_in x C_out (FlowNet's conv3_1-conv6 at 2x2 .. 16x16) the CPU
-convolution is one product of
-its patch matrix with the kernel, differentiated by jax: XLA:CPU's own convolution and its input gradient ran
-at 0.5-20 GFLOP per CPU-second there. Transposed convolutions (`conv_transpose2d`, the models' deconvs) are
+convolution is one product of its patch matrix with the kernel, differentiated by jax: XLA:CPU's own convolution
+and its input gradient ran at 0.5-20 GFLOP per CPU-second there. Transposed convolutions (`conv_transpose2d`, the models' deconvs) are
 one product and an overlap-add on CPU, for the same reason (XLA's weight gradient: 2-5 GFLOP per CPU-second).
 
 Selection: `conv2d(..., impl=None)` uses the matmul weight gradient on the CPU backend and plain lax elsewhere
@@ -70,9 +69,14 @@ def _lax_conv(x: jax.Array, w: jax.Array, strides, padding, dilation) -> jax.Arr
   return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_DN)
 
 
+def _out_size(size: int, lo: int, hi: int, k: int, s: int, d: int) -> int:
+  """Output length of a convolution along one axis (input `size`, padding lo / hi, kernel k, stride s, dilation d)."""
+  return (size + lo + hi - d * (k - 1) - 1) // s + 1
+
+
 def _tap_geometry(size: int, lo: int, hi: int, k: int, s: int, d: int) -> tuple[int, int, int]:
   """For one spatial axis: (output size, phase grid size, padded length trimmed to s * phase grid size)."""
-  out = (size + lo + hi - d * (k - 1) - 1) // s + 1
+  out = _out_size(size, lo, hi, k, s, d)
   grid = out + (d * (k - 1)) // s
   return out, grid, s * grid
 
@@ -253,8 +257,7 @@ def conv2d_im2col(x: jax.Array, w: jax.Array, strides: Sequence[int], padding: S
   n, h, wd, cin = x.shape
   kh, kw, _, cout = w.shape
   (sy, sx), (dy, dx) = strides, dilation
-  ho = (h + padding[0][0] + padding[0][1] - dy * (kh - 1) - 1) // sy + 1
-  wo = (wd + padding[1][0] + padding[1][1] - dx * (kw - 1) - 1) // sx + 1
+  ho, wo = _out_size(h, *padding[0], kh, sy, dy), _out_size(wd, *padding[1], kw, sx, dx)
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   cols = [lax.slice(xp, (0, dy * i, dx * j, 0), (n, dy * i + sy * (ho - 1) + 1, dx * j + sx * (wo - 1) + 1, cin),
                     (1, sy, sx, 1)) for i in range(kh) for j in range(kw)]
@@ -385,8 +388,8 @@ _IM2COL_MIN_CHANNEL_PRODUCT = 256 * 256
 def _use_im2col(x_shape, w_shape, strides, padding, dilation) -> bool:
   """Whether `conv2d` takes the patch-matrix product for this problem (few output positions, see above)."""
   n, h, w = x_shape[:3]
-  ho = (h + padding[0][0] + padding[0][1] - dilation[0] * (w_shape[0] - 1) - 1) // strides[0] + 1
-  wo = (w + padding[1][0] + padding[1][1] - dilation[1] * (w_shape[1] - 1) - 1) // strides[1] + 1
+  ho = _out_size(h, *padding[0], w_shape[0], strides[0], dilation[0])
+  wo = _out_size(w, *padding[1], w_shape[1], strides[1], dilation[1])
   # Few output channels (predict_flow: C_out 2), or a kernel much wider than its output, stay on the other path:
   # there the patch matrix is the larger operand (386 -> 2 at 16x16 b4: 14.7 against 2.5 CPU-ms for the three
   # passes; PWC-Net's dense 565 -> 64 at 12x16 b8: 0.35x).
