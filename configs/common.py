@@ -12,7 +12,7 @@ Top-level fields:
   model                 name + every field of the registered model class (passed to get_model)
   loss                  jaxflow.losses.default_config()
   optim                 jaxflow.optim.default_config() (schedule, Adam, weight decay, clipping)
-  data                  data_pipelines.pipeline.default_config(), adjusted per variant
+  data                  data_pipelines.defaults.data_config() (= pipeline.default_config()), adjusted per variant
   evals                 {name: {dataset, batch_size, num_batches (0 = all)}}; datasets from pipeline.eval_iterator
   eval_every_steps      periodic evaluation (0 = only at the end); best_metric: the metric tracked (lower=better)
   log_every_steps, checkpoint_every_steps, keep_checkpoints, log_tensorboard, log_images, prefetch
@@ -79,8 +79,10 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
 
 
 def _pipeline_config() -> ml_collections.ConfigDict:
-  from data_pipelines import pipeline
-  return pipeline.default_config()
+  # data_pipelines.defaults is TensorFlow-free: loading a config must not wait for TensorFlow's import, which
+  # the trainer starts in its input-pipeline thread beside the JAX side.
+  from data_pipelines import defaults
+  return defaults.data_config()
 
 
 def _loss_config() -> ml_collections.ConfigDict:

@@ -59,26 +59,9 @@ _FIT_MARGIN = 0.01  # pixels kept between a fitted crop's footprint and the sour
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Augmentation ranges (see the module docstring for units and sources)."""
-  c = ml_collections.ConfigDict()
-  c.geometric = True
-  c.translate = 0.2          # fraction of the image width, x and y: uniform in [-translate, translate]
-  c.rotate = 17.0            # degrees: uniform in [-rotate, rotate]
-  c.zoom = (0.9, 2.0)        # uniform; > 1 magnifies
-  c.squeeze = (1.0, 1.0)     # x/y aspect factor q, log-uniform in the range: zoom_x = zoom * q, zoom_y = zoom / q
-  c.relative_translate = 0.03   # frame 2 only, fraction of the width
-  c.relative_rotate = 1.7       # degrees
-  c.relative_zoom = (0.97, 1.03)
-  c.fit_crop = True
-  c.photometric = True
-  c.brightness_sigma = 0.2
-  c.contrast = (-0.8, 0.4)
-  c.color = (0.5, 2.0)
-  c.gamma = (0.7, 1.5)
-  c.noise_sigma = (0.0, 0.04)
-  c.asymmetric = False
-  c.relative_photometric = 0.02
-  return c
+  """Augmentation ranges: `data_pipelines.defaults.augment_config` (TensorFlow-free, so configs load without TF)."""
+  from data_pipelines import defaults
+  return defaults.augment_config()
 
 
 def example_key(seed: Any, index: Any, tag: int = AUGMENT_TAG) -> tf.Tensor:

@@ -42,25 +42,9 @@ _SEED_TAG_FILES = 0x46494C45  # per-epoch file permutations
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """`config.data`: training source, real-data roots, crop, generator, augmentation, validation, tf.data."""
-  from data_pipelines import synthetic_chairs
-  c = ml_collections.ConfigDict()
-  c.train = "synthetic_chairs"  # see TRAIN_SETS
-  c.root = ""  # folder holding the real datasets (e.g. the shared sample data); relative `roots` join it
-  c.roots = ml_collections.ConfigDict({
-      "flying_chairs": "flyingchairs", "sintel": "sintel", "kitti2015": "kitti/kitti2015",
-      "kitti2012": "kitti/kitti2012", "middlebury": "middlebury", "things": "flyingthings3d"})
-  c.kitti_flow_dir = ""  # override of the KITTI flow folder name ('' = flow_occ / flow_noc)
-  c.sintel_masks = True  # read Sintel invalid/occlusion masks (pairs without them are skipped)
-  c.crop_size = (320, 448)  # (H, W) of training crops and synthetic_val (FlowNet's 448 x 320 crops)
-  c.synthetic = synthetic_chairs.default_config()
-  c.augment = augment_lib.default_config()
-  c.val_size = 640
-  c.val_seed = 0
-  c.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
-  c.prefetch = 2  # batches prefetched by tf.data (-1 = AUTOTUNE)
-  c.private_threads = 0  # > 0: a private tf.data thread pool of this size
-  return c
+  """`config.data`: `data_pipelines.defaults.data_config` (TensorFlow-free, so configs load without TF)."""
+  from data_pipelines import defaults
+  return defaults.data_config()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -63,41 +63,9 @@ _SALT = 0x43484149  # "CHAI": separates this module's random stream from others 
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Generator settings. Sizes in pixels unless stated; motion magnitudes in pixels at 512 px width.
-
-  Motion draws are Gaussian scale mixtures (heavy-tailed): for each example (background) or chair, a sigma is
-  drawn log-uniformly from the (lo, hi) range, then the value ~ N(0, sigma^2), truncated at `truncation`
-  sigmas. Rotations in degrees; zoom and squeeze as log-factors (x scale = zoom*exp(squeeze), y scale =
-  zoom*exp(-squeeze)).
-  """
-  c = ml_collections.ConfigDict()
-  c.image_size = (384, 512)  # (H, W) of the generated pairs; anything down to 64 x 64.
-  c.num_chairs = (16, 24)  # Inclusive range of the number of chairs per pair.
-  c.chair_size = (0.1, 0.32)  # Side of a chair sprite as a fraction of the image width (log-uniform).
-  c.background_scale = 1.25  # Background photos are stored at this multiple of image_size; frames are crops.
-  c.backgrounds_dir = ""  # Folder of background photos; '' = built-in procedural (dead-leaves) backgrounds.
-  c.chairs_dir = ""  # Folder of chair renders (RGBA PNG or RGB on white); '' = built-in procedural chairs.
-  c.sprite_size = 128  # Chair sprites are S x S RGBA.
-  c.max_backgrounds = 512  # At most this many user background photos are loaded (sorted by path).
-  c.max_chair_images = 4096  # At most this many user chair renders are loaded.
-  c.num_procedural_backgrounds = 12
-  c.num_chair_models = 20  # Procedural chairs: models x views sprites.
-  c.views_per_model = 12
-  c.asset_seed = 0  # Seed of the procedural assets (independent of the example seed).
-  c.motion = ml_collections.ConfigDict()
-  m = c.motion
-  m.truncation = 3.0
-  m.bg_translation_sigma = (0.3, 15.0)
-  m.bg_rotation_sigma = (0.1, 2.0)
-  m.bg_zoom_sigma = 0.03
-  m.bg_squeeze_sigma = 0.02
-  m.chair_translation_sigma = (0.5, 60.0)
-  m.chair_rotation_sigma = (0.2, 8.0)
-  m.chair_zoom_sigma = 0.05
-  m.chair_squeeze_sigma = 0.03
-  m.chair_initial_rotation = 180.0  # Initial in-plane rotation ~ U(-a, a) degrees.
-  m.chair_flip_probability = 0.5  # Probability of mirroring a sprite horizontally.
-  return c
+  """Generator settings: `data_pipelines.defaults.synthetic_config` (TensorFlow-free, so configs load without TF)."""
+  from data_pipelines import defaults
+  return defaults.synthetic_config()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -47,11 +47,8 @@ def main(argv: list[str]) -> None:
     platform.configure(cache_dir=None if cache.lower() in ("", "none") else cache)
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   auto=FLAGS.distributed_auto)
-  try:
-    import tensorflow as tf  # the input pipeline runs on the host CPU; keep TF off the accelerators
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass
+  # TensorFlow is not imported here: the trainer's input-pipeline thread imports it (data_pipelines.pipeline, which
+  # also keeps TF off the accelerators), so its import overlaps the JAX side's start.
   from configs.common import check_config
   from jaxflow import trainer
   check_config(FLAGS.config)

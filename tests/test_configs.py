@@ -164,3 +164,32 @@ def test_sweep_collects_final_rows(tmp_path):
   text = sweep.table([{"name": "a", "status": "done", "metrics": {"synthetic_val/epe": 1.5}},
                       {"name": "b", "status": "done", "metrics": {"synthetic_val/epe": 0.5}}])
   assert "1.5000" in text and "0.5000" in text and text.splitlines()[0].split() == ["run", "status", "synthetic_val/epe"]
+
+
+def test_configs_load_without_tensorflow():
+  # The trainer imports TensorFlow in its input-pipeline thread so that its ~5 s import overlaps the JAX side;
+  # that only works if building and checking a config never imports it. A fresh interpreter is needed: this
+  # test process has TensorFlow loaded already.
+  code = ("import importlib, sys\n"
+          "from configs import common\n"
+          "for m in ('flownet_s', 'flownet_c', 'spynet', 'pwcnet', 'ablations.pwcnet_ablation'):\n"
+          "  mod = importlib.import_module('configs.' + m)\n"
+          "  for v in (('local',) if 'ablation' in m else common.VARIANTS):\n"
+          "    c = mod.get_config(v)\n"
+          "    if 'ablation' not in m: common.check_config(c)\n"
+          "print('tensorflow' in sys.modules, sorted(k for k in sys.modules if k.startswith('data_pipelines')))\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split()[0] == "False", r.stdout
+
+
+def test_tensorflow_free_defaults_are_the_pipelines_defaults():
+  from data_pipelines import augment, defaults, pipeline, synthetic_chairs
+  assert pipeline.default_config().to_json() == defaults.data_config().to_json()
+  assert synthetic_chairs.default_config().to_json() == defaults.synthetic_config().to_json()
+  assert augment.default_config().to_json() == defaults.augment_config().to_json()
+  # The configs' data block starts from them: a chairs config's generator settings are the defaults'.
+  from configs import flownet_s
+  c = flownet_s.get_config("chairs")
+  assert c.data.synthetic.motion.to_json() == defaults.synthetic_config().motion.to_json()
+  assert c.data.augment.to_json() == defaults.augment_config().to_json()
