@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from jaxflow import metrics as metrics_lib
+from jaxflow import optim
 from jaxflow.train_state import TrainState, wrap_key
 
 LossFn = Callable[[dict[str, Any], dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -60,13 +61,13 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: LossF
     (loss, (outputs, new_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    # Parameters and optimiser state are kept as they were when `finite` is False (jaxflow.optim).
+    new_params, new_opt = optim.guarded_update(tx, grads, state.opt_state, state.params, finite)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
-    new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
+    new_state = state.replace(step=state.step + 1, params=new_params,
                               batch_stats=keep(new_stats, state.batch_stats),
-                              opt_state=keep(new_opt, state.opt_state), bad_step=bad_step)
+                              opt_state=new_opt, bad_step=bad_step)
     metrics = {"loss": loss, "epe": masked_epe(outputs["flow"], batch["flow"], batch["valid"]),
                "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
     for k, v in aux.items():
