@@ -148,10 +148,23 @@ def entry_path(cache_dir: str, name: str, key: str) -> str:
   return os.path.join(cache_dir, f"{name}-{key[:40]}.jaxexec")
 
 
-def _last_used_path(cache_dir: str, name: str, key_parts: Mapping[str, Any],
+def light_environment() -> dict[str, Any]:
+  """The part of `environment()` known right after `import jax`, without importing flax / optax or starting a
+  backend: enough to name the entry a run used last (`prefetch`), whose full key is checked before use."""
+  return {"format": FORMAT, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
+          "platforms": os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or ""),
+          "jaxflow_source": source_hash()}
+
+
+def _last_used_path(cache_dir: str, name: str, lookup_parts: Mapping[str, Any],
                     compiler_options: Mapping[str, Any] | None) -> str:
-  """The small file naming the key last used by (name, key parts, environment, options) with any arguments."""
-  return os.path.join(cache_dir, f"{name}-{_key_from_signature(name, None, key_parts, compiler_options)[:40]}.last")
+  """The small file naming the key last used by (name, lookup parts, light environment, options) with any
+  arguments. It only points at an entry: a prefetched entry is used when its full key is the call's."""
+  blob = json.dumps({"name": name, "lookup_parts": {k: str(v) for k, v in lookup_parts.items()},
+                     "environment": light_environment(),
+                     "compiler_options": {k: str(v) for k, v in (compiler_options or {}).items()}}, sort_keys=True)
+  return os.path.join(cache_dir, f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:40]}.last")
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -241,7 +254,7 @@ def _unlink(path: str, removed: list[str]) -> bool:
 class Prefetch:
   """A background load of the entry (name, key parts, environment, options) used last; see `prefetch`."""
 
-  def __init__(self, name: str, key_parts: Mapping[str, Any], cache_dir: str,
+  def __init__(self, name: str, lookup_parts: Mapping[str, Any], cache_dir: str,
                compiler_options: Mapping[str, Any] | None = None):
     self.name, self.cache_dir = name, cache_dir
     self.key: str | None = None
@@ -249,7 +262,7 @@ class Prefetch:
     self.error: BaseException | None = None
     self.seconds = 0.0
     self._thread: threading.Thread | None = None
-    last = _last_used_path(cache_dir, name, key_parts, compiler_options)
+    last = _last_used_path(cache_dir, name, lookup_parts, compiler_options)
     try:
       with open(last) as f:
         self.key = f.read().strip() or None
@@ -279,16 +292,32 @@ class Prefetch:
     return self.compiled
 
 
-def prefetch(name: str, key_parts: Mapping[str, Any], cache_dir: str | None,
+def prefetch(name: str, lookup_parts: Mapping[str, Any], cache_dir: str | None,
              compiler_options: Mapping[str, Any] | None = None) -> Prefetch | None:
   """Starts loading, in a thread, the executable that `CachedFunction(jitted, name, key_parts, cache_dir,
-  compiler_options)` used last in this environment (None without a cache dir, in multi-process runs, or when
-  there is nothing to load). Pass the result as CachedFunction(prefetched=...): used only if the call's key is
-  the same."""
-  if not cache_dir or jax.process_count() != 1:
+  compiler_options, lookup_parts=lookup_parts)` used last in this environment (None without a cache dir, in
+  multi-process runs, or when there is nothing to load). Pass the result as CachedFunction(prefetched=...): used
+  only if the call's key is the same.
+
+  `lookup_parts` (default of CachedFunction: its key_parts) only names the pointer to the entry used last, so a
+  caller may start the load right after `import jax` from what it knows then (e.g. its config), before it
+  imports flax / optax or builds the model; no backend is started here (the load thread starts it)."""
+  if not cache_dir or _multi_process_env():
     return None
-  p = Prefetch(name, key_parts, cache_dir, compiler_options)
+  p = Prefetch(name, lookup_parts, cache_dir, compiler_options)
   return p if p.key is not None else None
+
+
+def _multi_process_env() -> bool:
+  """True when this process is (or will be) one of several JAX processes: jax.distributed already initialised,
+  or the usual launcher variables. (jax.process_count() would start the backend on this thread.)"""
+  try:
+    from jax._src import distributed
+    if distributed.global_state.client is not None:
+      return True
+  except Exception:  # noqa: BLE001 - private API moved: fall back to the public call
+    return jax.process_count() != 1
+  return False
 
 
 def default_dir() -> str | None:
@@ -309,13 +338,18 @@ class CachedFunction:
   'load' (on a prefetched hit: the wait for the background load; 'load_background' its whole duration) or
   'lower' + 'compile' + 'store').
   max_bytes: the directory's size bound applied after a store (default: max_bytes_from_env()).
-  prefetched: a `prefetch(name, key_parts, cache_dir, compiler_options)` handle started earlier.
+  prefetched: a `prefetch(name, lookup_parts, cache_dir, compiler_options)` handle started earlier.
+  lookup_parts: what names this function's pointer to the entry it used last, for a later process's `prefetch`
+    (default: key_parts). Something the caller knows before it can build key_parts (its config), so the next
+    start can begin loading earlier; the entry is still used only when its full key matches.
   """
 
   def __init__(self, jitted: Any, name: str, key_parts: Mapping[str, Any], cache_dir: str | None,
                compiler_options: Mapping[str, Any] | None = None, log: Callable[[str], None] = _log,
-               max_bytes: int | None | str = "env", prefetched: Prefetch | None = None):
+               max_bytes: int | None | str = "env", prefetched: Prefetch | None = None,
+               lookup_parts: Mapping[str, Any] | None = None):
     self.max_bytes = max_bytes_from_env() if max_bytes == "env" else parse_size(max_bytes)
+    self.lookup_parts = dict(lookup_parts if lookup_parts is not None else key_parts)
     self.prefetched = prefetched
     self.jitted = jitted
     self.name = name
@@ -421,7 +455,7 @@ class CachedFunction:
   def _remember(self) -> None:
     """Records this key as the one (name, key parts, environment) used last, for `prefetch`."""
     try:
-      _write_atomic(_last_used_path(self.cache_dir, self.name, self.key_parts, self.compiler_options),
+      _write_atomic(_last_used_path(self.cache_dir, self.name, self.lookup_parts, self.compiler_options),
                     self.key.encode())
     except OSError:
       pass
@@ -474,5 +508,5 @@ def load(path: str) -> Any:
 
 
 __all__ = ["CachedFunction", "DEFAULT_MAX_BYTES", "MAX_BYTES_ENV", "Prefetch", "cache_key", "default_dir",
-           "entry_path", "environment", "evict", "load", "max_bytes_from_env", "parse_size", "prefetch", "signature",
+           "entry_path", "environment", "evict", "light_environment", "load", "max_bytes_from_env", "parse_size", "prefetch", "signature",
            "source_hash", "store", "touch"]

@@ -254,17 +254,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   prefetch = parallel.Prefetcher(host_batches(), mesh, size=config.prefetch)
   try:
+    cache_dir = exec_cache.default_dir() if injected_model is None and injected_loss is None else None
+    # A warm start loads the train step's executable (the entry this config used last) in a thread from here on,
+    # while the model and the state are built below: XLA's load releases the GIL (exec_cache.prefetch; used
+    # only if the full key matches). The pointer is named by the config, known before the model exists.
+    lookup_parts = {"model": config.model.to_json(sort_keys=True), "loss": config.loss.to_json(sort_keys=True),
+                    "optim": config.optim.to_json(sort_keys=True), "total_steps": total_steps,
+                    "trainable_levels": tuple(config.trainable_levels)}
+    step_prefetch = exec_cache.prefetch("train_step", lookup_parts, cache_dir)
     model = model if model is not None else build_model(config)
     image_shape = (1, INIT_SIZE, INIT_SIZE, 3)  # same parameter shapes at any crop; a small abstract trace
-    cache_dir = exec_cache.default_dir() if injected_model is None and injected_loss is None else None
     # What the train step and the init program depend on besides their arguments and jaxflow's sources: the
     # model (repr: every field), the loss, the optimiser and its schedule length, the frozen SpyNet levels.
     cache_parts = {"model": repr(model), "loss": config.loss.to_json(sort_keys=True),
                    "optim": config.optim.to_json(sort_keys=True), "total_steps": total_steps,
                    "trainable_levels": tuple(config.trainable_levels)}
-    # A warm start loads the train step's executable (the entry these parts used last) in a thread while the
-    # state is built below: XLA's load releases the GIL (exec_cache.prefetch; used only if the key matches).
-    step_prefetch = exec_cache.prefetch("train_step", cache_parts, cache_dir)
     # Parameter shapes and initialisers from one abstract (traced, never compiled) model.init; values are drawn
     # on the host by create_train_state (jaxflow.param_init).
     variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
@@ -298,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       # and the jaxflow sources (jaxflow.exec_cache); off without a compilation cache dir and for injected models
       # / losses (their code is not hashed).
       train_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir,
-                                             prefetched=step_prefetch)
+                                             prefetched=step_prefetch, lookup_parts=lookup_parts)
     eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(state_sharding, dshard),
                         out_shardings=(rep, dshard))
   except BaseException:

@@ -373,3 +373,47 @@ def test_prefetch_loads_in_the_background_and_is_used_only_for_its_key(tmp_path)
                              atol=1e-6)
   # The 4x4 entry is now the one used last.
   assert exec_cache.prefetch("f", {"what": "tanh"}, str(tmp_path)).key == third.key
+
+
+def test_lookup_parts_name_the_pointer_and_the_full_key_decides(tmp_path):
+  x, y = _args()
+  g = jax.jit(lambda x, y: {"out": jnp.tanh(x @ y) - 1.0, "run": _RUN * 3})  # new to this session
+  lookup = {"config": "run-a"}
+  first, _ = _cached(tmp_path, parts={"what": "tanh-1"}, jitted=g, lookup_parts=lookup)
+  ref = first(x, y)
+  # The pointer is named by the lookup parts, not by the key parts.
+  assert exec_cache.prefetch("f", {"what": "tanh-1"}, str(tmp_path)) is None
+  pending = exec_cache.prefetch("f", lookup, str(tmp_path))
+  assert pending is not None and pending.key == first.key
+  again, logs = _cached(tmp_path, parts={"what": "tanh-1"}, jitted=g, lookup_parts=lookup, prefetched=pending)
+  np.testing.assert_array_equal(np.asarray(again(x, y)["out"]), np.asarray(ref["out"]))
+  assert again.hit is True and "in the background" in logs[0]
+  # Same lookup parts, other key parts (e.g. a model field the config did not show): the prefetched entry is not
+  # used; the function compiles and the pointer then names the new entry.
+  pending = exec_cache.prefetch("f", lookup, str(tmp_path))
+  other, logs = _cached(tmp_path, parts={"what": "tanh-1", "field": 2}, jitted=g, lookup_parts=lookup,
+                        prefetched=pending)
+  out = other(x, y)
+  assert other.hit is False and other.key != pending.key and "no cached executable" in logs[0]
+  np.testing.assert_array_equal(np.asarray(out["out"]), np.asarray(ref["out"]))
+  assert exec_cache.prefetch("f", lookup, str(tmp_path)).key == other.key
+
+
+def test_prefetch_right_after_import_jax_imports_no_flax_and_starts_no_backend(tmp_path):
+  # What a warm start does before anything else: it must not pull in flax / optax or start XLA on the main thread.
+  import subprocess
+  import sys
+  code = r"""
+import sys
+import jax
+from jaxflow import exec_cache
+from jax._src import xla_bridge
+assert exec_cache.prefetch("train_step", {"config": "x"}, sys.argv[1]) is None   # nothing stored yet
+print(sorted(m for m in ("flax", "optax", "ml_collections") if m in sys.modules),
+      xla_bridge.backends_are_initialized())
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split("\n")[0] == "[] False", out.stdout

@@ -95,6 +95,11 @@ def _peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # not Linux: KiB (macOS: bytes)
 
 
+def _minor_faults() -> int:
+  """Minor page faults of this process so far (first touches of fresh memory)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _reply(obj: dict[str, Any]) -> None:
   sys.stdout.write(PREFIX + json.dumps(obj) + "\n")
   sys.stdout.flush()
@@ -121,13 +126,15 @@ def _command_loop(run_steps, matmul_peak) -> None:
     if not cmd:
       continue
     if cmd[0] == "run":
-      times, cpu = [], []
+      times, cpu, faults = [], [], []
       for _ in range(int(cmd[1])):
-        t, c = time.perf_counter(), time.process_time()
+        t, c, f = time.perf_counter(), time.process_time(), _minor_faults()
         info = run_steps()
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-      _reply({"times": times, "cpu": cpu, "loss": info["loss"], "peak_rss_mib": _peak_rss_mib()})
+        faults.append(_minor_faults() - f)
+      _reply({"times": times, "cpu": cpu, "minor_faults": faults, "loss": info["loss"],
+              "peak_rss_mib": _peak_rss_mib()})
     elif cmd[0] == "peak":
       wall, cpu = matmul_peak()
       _reply({"peak_flops_per_s": wall, "peak_flops_per_cpu_s": cpu})
@@ -138,10 +145,26 @@ def _command_loop(run_steps, matmul_peak) -> None:
       _reply({"error": f"unknown command {line.strip()!r}"})
 
 
+def _lookup_parts(spec: dict[str, Any]) -> dict[str, str]:
+  """What names the cached train step's pointer before any model is built (the run's settings as JSON)."""
+  return {k: json.dumps(spec[k], sort_keys=True) for k in ("model", "loss", "optim", "dtype")}
+
+
 def _jax_worker(spec: dict[str, Any]) -> None:
   import functools
+  import gc
+  if os.environ.get("JAXFLOW_X_NOGC"):
+    gc.disable()
 
   import jax
+  # As the trainer: a warm start begins loading the step's executable right after `import jax`, in a thread
+  # (XLA's load releases the GIL), so it overlaps the other imports, the model build and the state init.
+  pending = None
+  early = spec.get("prefetch", True) and spec.get("exec_cache", True) and not os.environ.get("JAXFLOW_X_LATE")
+  if early:
+    from jaxflow import exec_cache, platform as jaxflow_platform
+    jaxflow_platform.configure(cache_dir=os.environ["JAX_COMPILATION_CACHE_DIR"], min_compile_time_secs=0)
+    pending = exec_cache.prefetch("train_step", _lookup_parts(spec), exec_cache.default_dir())
   import jax.numpy as jnp
   import ml_collections
 
@@ -177,8 +200,8 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   parts = {"model": repr(model), "loss": json.dumps(spec["loss"], sort_keys=True),
            "optim": json.dumps(spec["optim"], sort_keys=True)}
   image_shape = (1, INIT_SIZE, INIT_SIZE, 3)
-  # As the trainer: a warm start loads the step's executable in a thread while the state is built.
-  pending = exec_cache.prefetch("train_step", parts, cache_dir) if spec.get("prefetch", True) else None
+  if spec.get("prefetch", True) and not early:  # the load started after the imports and the model build
+    pending = exec_cache.prefetch("train_step", _lookup_parts(spec), cache_dir)
   variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
   t_abstract = time.time()
   state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables), 0, rep,
@@ -200,7 +223,7 @@ def _jax_worker(spec: dict[str, Any]) -> None:
             "stablehlo_debug_sha256": hashlib.sha256(lowered.as_text(debug_info=True).encode()).hexdigest()})
     return
   cached = exec_cache.CachedFunction(step_fn, "train_step", parts, cache_dir, log=lambda m: print(m, file=sys.stderr),
-                                     prefetched=pending)
+                                     prefetched=pending, lookup_parts=_lookup_parts(spec))
   t_trace = time.time()
   if cache_dir is None:  # split tracing from lowering (the exec cache's miss path lowers in one call)
     step_fn.trace(state, batch)
@@ -219,12 +242,15 @@ def _jax_worker(spec: dict[str, Any]) -> None:
             "bytes_accessed_per_step": float(cost["bytes accessed"]) * n, "devices": n,
             "peak_rss_mib": _peak_rss_mib(), "jax_version": jax.__version__})
     return
-  c_first = time.process_time()
+  c_first, f_first = time.process_time(), _minor_faults()
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   t_first = time.time()
   startup["first_step_exec_s"], startup["first_step_exec_cpu_s"] = t_first - t_compile, time.process_time() - c_first
+  startup["first_step_exec_minor_faults"] = _minor_faults() - f_first
   startup["process_cpu_s"] = time.process_time()
+  if os.environ.get("JAXFLOW_X_NOGC"):
+    gc.enable()
   try:
     cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 - a deserialized executable may not carry its cost analysis

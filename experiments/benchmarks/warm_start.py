@@ -1,0 +1,130 @@
+r"""Warm start to the end of the first training step, per model, with alternated A/B variants and repeats.
+
+  python -m experiments.benchmarks.warm_start --model pwcnet --repeats 5
+  python -m experiments.benchmarks.warm_start --model flownet_s --model pwcnet --repeats 4 \
+      --env-b JAXFLOW_EARLY_LOAD=0              # A = as is, B = with this environment variable; alternated
+
+Each configuration (128x128, batch 4 by default: the `local` configs' size) first fills an executable cache with
+one cold worker of experiments/benchmarks/train_throughput.py (the trainer's start-up path), then starts
+`--repeats` fresh warm workers per variant, alternating A, B, A, B, ... so a change of machine load hits both.
+Every warm worker runs its first step, then `--steps` steady steps; reported per worker and as medians:
+  first    wall seconds from launching the process (before it imports jax) to the end of the first step;
+  steady   the median of the steady steps after it (seconds);
+  overhead first - steady: what the start costs beyond one step (import, init, executable load, the first
+           execution's extra cost);
+  import / init / data / wait   train_throughput's split (wait: the time spent in the step's compile call,
+           i.e. waiting for the background executable load); exec: the first execution itself (wall, CPU);
+  cpu      process CPU seconds to the end of the first step (robust to other jobs on the machine).
+The first step's loss is printed too: it is a function of the seed only, so variants must agree exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+from typing import Any
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from experiments.benchmarks import train_throughput as tt  # noqa: E402  (jax-free: the parent stays light)
+
+FIELDS = ("first", "steady", "overhead", "import", "init", "data", "wait", "exec", "exec_cpu", "st_cpu", "kflt", "st_kflt", "cpu")
+
+
+def _spec(name: str, height: int, width: int, batch: int) -> dict[str, Any]:
+  model, loss, optim_cfg = tt._model_settings(name)
+  return {"model": model, "loss": loss, "optim": optim_cfg, "height": height, "width": width, "batch": batch,
+          "dtype": "float32", "warmup": 0, "torch_threads": 1, "exec_cache": True, "init_method": "host",
+          "prefetch": True}
+
+
+def _run(spec: dict[str, Any], env: dict[str, str], steps: int) -> dict[str, float]:
+  worker = tt.Worker("jax", spec, env)
+  try:
+    first = worker.read()
+    worker.read()  # ready
+    steady = steady_cpu = steady_faults = float("nan")
+    if steps:
+      reply = worker.request(f"run {steps}")
+      steady, steady_cpu = statistics.median(reply["times"]), statistics.median(reply["cpu"])
+      steady_faults = statistics.median(reply["minor_faults"])
+  finally:
+    worker.close()
+  st = first["startup"]
+  return {"first": first["first_step_s"], "steady": steady, "overhead": first["first_step_s"] - steady,
+          "import": first["import_s"], "init": first["init_s"], "data": first["data_s"],
+          "wait": first["compile_s"], "exec": st.get("first_step_exec_s", float("nan")),
+          "exec_cpu": st.get("first_step_exec_cpu_s", float("nan")), "st_cpu": steady_cpu,
+          "kflt": st.get("first_step_exec_minor_faults", float("nan")) / 1e3, "st_kflt": steady_faults / 1e3, "cpu": st.get("process_cpu_s", float("nan")),
+          "loss": first["loss"], "hit": bool(st.get("exec_cache_hit"))}
+
+
+def _row(label: str, r: dict[str, float]) -> str:
+  return f"  {label:10s} " + " ".join(f"{r[k]:8.3f}" for k in FIELDS) + f"  loss {r['loss']:.6f}" + (
+      "" if r.get("hit", True) else "  (exec cache MISS)")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", action="append", choices=tt.MODELS, required=True)
+  parser.add_argument("--height", type=int, default=128)
+  parser.add_argument("--width", type=int, default=128)
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=3, help="warm workers per variant")
+  parser.add_argument("--steps", type=int, default=3, help="steady steps after the first, per worker")
+  parser.add_argument("--env-b", default=None,
+                      help="variant B: 'NAME=VALUE ...' added to the workers' environment (A: as is)")
+  parser.add_argument("--cache-dir", default=None,
+                      help="keep the compilation / executable cache here (reused if it exists: no cold fill "
+                           "when it already holds this configuration); default: a temporary directory")
+  args = parser.parse_args(argv)
+  if args.repeats < 1 or args.steps < 0:
+    parser.error("--repeats must be >= 1 and --steps >= 0")
+  variants = [("A", {})]
+  if args.env_b:
+    extra = dict(item.split("=", 1) for item in shlex.split(args.env_b))
+    variants.append(("B " + args.env_b, extra))
+  tmp = None
+  cache = args.cache_dir
+  if cache is None:
+    tmp = tempfile.TemporaryDirectory(prefix="jaxflow_warm_start_")
+    cache = tmp.name
+  try:
+    base = tt._jax_env(1, os.path.abspath(cache))
+    print(f"{tt._cpu_model()}, {tt._usable_cores()} usable cores; load {os.getloadavg()[0]:.1f}; commit "
+          f"{tt._git_commit()}; cache {cache}", flush=True)
+    for name in args.model:
+      spec = _spec(name, args.height, args.width, args.batch)
+      fill = _run(dict(spec, warmup=0), base, 0)
+      print(f"{name} {args.height}x{args.width} b{args.batch}: fill run first step {fill['first']:.1f} s "
+            f"({'hit' if fill['hit'] else 'cold'}), loss {fill['loss']:.6f}", flush=True)
+      print("  variant    " + " ".join(f"{k:>8s}" for k in FIELDS), flush=True)
+      results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in variants}
+      for _ in range(args.repeats):
+        for label, extra in variants:
+          r = _run(spec, dict(base, **extra), args.steps)
+          results[label].append(r)
+          print(_row(label[:10], r), flush=True)
+      for label, rs in results.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in FIELDS}
+        med["loss"] = rs[0]["loss"]
+        print(_row(("median " + label[0]), med) + f"  (n={len(rs)}; {label})", flush=True)
+        losses = {r["loss"] for r in rs}
+        if len(losses) > 1:
+          print(f"  WARNING: {label}: first-step losses differ: {sorted(losses)}", flush=True)
+      if len(variants) == 2:
+        a, b = (statistics.median(r["first"] for r in results[v[0]]) for v in variants)
+        print(f"  first step B / A: {b / a:.3f} (medians); load {os.getloadavg()[0]:.1f}", flush=True)
+  finally:
+    if tmp is not None:
+      tmp.cleanup()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
