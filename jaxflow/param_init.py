@@ -29,11 +29,11 @@ import json
 import os
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxflow.train_state import init_variables, make_key
+# flax (and jaxflow.train_state, which needs flax and optax) are imported where a model is traced, not here: the
+# host draws (`prefetch_host_variables`, `host_variables`) run right after `import jax` on a warm start.
 
 # jax.nn.initializers.variance_scaling: stddev of a standard normal truncated to (-2, 2).
 TRUNCATED_NORMAL_STD = 0.87962566103423978
@@ -87,8 +87,8 @@ def variance_scaling_rule(fn: Any, shape: tuple[int, ...]) -> InitRule | None:
   return None
 
 
-def _rule_for(module: nn.Module | None, collection: str, name: str, shape: tuple[int, ...],
-              path: str) -> InitRule:
+def _rule_for(module: Any, collection: str, name: str, shape: tuple[int, ...], path: str) -> InitRule:
+  import flax.linen as nn
   if module is None:
     raise ValueError(f"param_init: variable {path} (shape {shape}) was not created by a module method the "
                      "interceptor saw; its initialiser is unknown (use create_train_state(..., method='traced'))")
@@ -131,7 +131,8 @@ def _leaves(variables: Mapping[str, Any]):
       yield collection, names, path_string(collection, names), leaf
 
 
-def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int, int], cache_dir: str | None = None
+def abstract_variables(model: Any, image_shape: tuple[int, int, int, int], cache_dir: str | None = None,
+                       lookup_parts: Mapping[str, Any] | None = None
                        ) -> tuple[dict[str, Any], dict[str, InitRule]]:
   """(variables, rules): the model's variables as ShapeDtypeStructs ({'params': ..., 'batch_stats': ...}) from
   `jax.eval_shape(model.init)` on a zero image pair of `image_shape` (B, H, W, 3) (traced, not compiled), and
@@ -141,6 +142,8 @@ def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int, int],
   cache_dir: a directory for a JSON copy of the result keyed by (repr(model), image_shape, the jaxflow
   sources, jax version), so a warm start skips the trace (PWC-Net: ~1.2 CPU-s). Only for models defined in
   jaxflow (the key hashes jaxflow's sources, not other code). An unreadable entry is traced again.
+  lookup_parts: with cache_dir, also record which entry these parts (what the caller knows before it builds the
+  model, e.g. its config) led to, so the next start's `prefetch_host_variables` can draw the values early.
   """
   path = None
   if cache_dir:
@@ -150,7 +153,9 @@ def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int, int],
     path = os.path.join(cache_dir, f"abstract-{key[:40]}.json")
     try:
       with open(path) as f:
-        return _from_json(json.load(f))
+        result = _from_json(json.load(f))
+      _point(cache_dir, lookup_parts, path)
+      return result
     except (OSError, ValueError, KeyError, TypeError):
       pass
   variables, rules = _trace_abstract_variables(model, image_shape)
@@ -161,9 +166,87 @@ def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int, int],
       with open(tmp, "w") as f:
         json.dump(_to_json(variables, rules), f)
       os.replace(tmp, path)
+      _point(cache_dir, lookup_parts, path)
     except OSError:
       pass
   return variables, rules
+
+
+def _pointer_path(cache_dir: str, lookup_parts: Mapping[str, Any]) -> str:
+  from jaxflow import exec_cache
+  blob = json.dumps({"lookup_parts": {k: str(v) for k, v in lookup_parts.items()},
+                     "environment": exec_cache.light_environment()}, sort_keys=True)
+  return os.path.join(cache_dir, f"abstract-{hashlib.sha256(blob.encode()).hexdigest()[:40]}.last")
+
+
+def _point(cache_dir: str, lookup_parts: Mapping[str, Any] | None, entry: str) -> None:
+  """Records `entry` (an abstract-*.json path) as the one `lookup_parts` led to (only when it changed)."""
+  if lookup_parts is None:
+    return
+  pointer = _pointer_path(cache_dir, lookup_parts)
+  name = os.path.basename(entry)
+  try:
+    with open(pointer) as f:
+      if f.read().strip() == name:
+        return
+  except OSError:
+    pass
+  try:
+    tmp = f"{pointer}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(name)
+    os.replace(tmp, pointer)
+  except OSError:
+    pass
+
+
+class HostPrefetch:
+  """Host values drawn in a background thread from the abstract variables a run's lookup parts led to last;
+  see `prefetch_host_variables`. `result(abstract, rules, seed)` returns them only for exactly that tree,
+  those rules and that seed (else None: the caller draws)."""
+
+  def __init__(self, rows: list[list[Any]], seed: int, threads: int | None):
+    import threading
+    self.rows, self.seed = rows, int(seed)
+    self.values: dict[str, Any] | None = None
+    self.error: BaseException | None = None
+    abstract, rules = _from_json(rows)
+
+    def run() -> None:
+      try:
+        self.values = host_variables(abstract, rules, seed, threads)
+      except BaseException as e:  # noqa: BLE001 - the caller draws instead
+        self.error = e
+
+    self._thread = threading.Thread(target=run, daemon=True, name="jaxflow-param-prefetch")
+    self._thread.start()
+
+  def result(self, abstract: Mapping[str, Any], rules: Mapping[str, InitRule], seed: int) -> dict[str, Any] | None:
+    if int(seed) != self.seed or _to_json(abstract, rules) != self.rows:
+      return None
+    self._thread.join()
+    return self.values
+
+
+def prefetch_host_variables(lookup_parts: Mapping[str, Any], seed: int, cache_dir: str | None,
+                            threads: int | None = None) -> HostPrefetch | None:
+  """Starts drawing, in a background thread, the host values (`host_variables`) of the abstract variables that
+  `abstract_variables(..., cache_dir=cache_dir, lookup_parts=lookup_parts)` returned last, for `seed`. Needs
+  only numpy and jax (no flax, no model): a warm start calls it right after `import jax`, so the draws overlap
+  the remaining imports and the executable load. None when nothing is recorded (or no cache_dir). Hand the
+  result to create_train_state(host_prefetch=...): used only when the model's tree, rules and seed match, so
+  the values are always those of `host_variables`."""
+  if not cache_dir:
+    return None
+  try:
+    with open(_pointer_path(cache_dir, lookup_parts)) as f:
+      name = f.read().strip()
+    with open(os.path.join(cache_dir, os.path.basename(name))) as f:
+      rows = json.load(f)
+    _from_json(rows)  # validates the rows before a thread is started
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  return HostPrefetch(rows, seed, threads)
 
 
 def _to_json(variables: Mapping[str, Any], rules: Mapping[str, InitRule]) -> list[list[Any]]:
@@ -183,8 +266,11 @@ def _from_json(rows: list[list[Any]]) -> tuple[dict[str, Any], dict[str, InitRul
   return variables, rules
 
 
-def _trace_abstract_variables(model: nn.Module, image_shape: tuple[int, int, int, int]
+def _trace_abstract_variables(model: Any, image_shape: tuple[int, int, int, int]
                               ) -> tuple[dict[str, Any], dict[str, InitRule]]:
+  import flax.linen as nn
+
+  from jaxflow.train_state import init_variables, make_key
   modules: dict[tuple[str, ...], nn.Module] = {}
 
   def interceptor(next_fun, args, kwargs, context):
@@ -269,5 +355,5 @@ def host_variables(abstract: Mapping[str, Any], rules: Mapping[str, InitRule], s
   return out
 
 
-__all__ = ["InitRule", "TRUNCATED_NORMAL_STD", "abstract_variables", "draw", "host_variables", "path_string",
-           "variance_scaling_rule"]
+__all__ = ["HostPrefetch", "InitRule", "TRUNCATED_NORMAL_STD", "abstract_variables", "draw", "host_variables",
+           "path_string", "prefetch_host_variables", "variance_scaling_rule"]

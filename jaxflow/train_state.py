@@ -91,8 +91,8 @@ INIT_SIZE = 64
 
 def create_train_state(init_fn: Callable[[jax.Array], TrainState], seed: int,
                        sharding: jax.sharding.Sharding, method: str = "host", *,
-                       exec_cache_dir: str | None = None, cache_key_parts: Mapping[str, Any] | None = None
-                       ) -> tuple[TrainState, TrainState]:
+                       exec_cache_dir: str | None = None, cache_key_parts: Mapping[str, Any] | None = None,
+                       host_prefetch: Any = None) -> tuple[TrainState, TrainState]:
   """(state, abstract_state) for a run's `seed`, every leaf placed with `sharding`.
 
   method 'host' (default; needs an InitFn from make_init_fn): parameter shapes from jax.eval_shape of
@@ -107,12 +107,14 @@ def create_train_state(init_fn: Callable[[jax.Array], TrainState], seed: int,
   The abstract state holds ShapeDtypeStructs carrying `sharding` (for orbax restore and jit shardings).
   With `exec_cache_dir` and `cache_key_parts` (what identifies the optimiser, e.g. the run's config), the
   host path's small program goes through jaxflow.exec_cache (a warm start loads it instead of compiling).
+  host_prefetch: a param_init.prefetch_host_variables(...) handle started earlier (values drawn in the
+  background); used only when its tree, rules and seed are this state's, so the values never differ.
   """
   if method not in ("host", "traced"):
     raise ValueError(f"create_train_state: method must be 'host' or 'traced', got {method!r}")
   key = make_key(seed)
   if method == "host" and isinstance(init_fn, InitFn):
-    state = _host_train_state(init_fn, key, seed, sharding, exec_cache_dir, cache_key_parts)
+    state = _host_train_state(init_fn, key, seed, sharding, exec_cache_dir, cache_key_parts, host_prefetch)
   else:
     shapes = jax.eval_shape(init_fn, key)
     out_shardings = jax.tree.map(lambda _: sharding, shapes)
@@ -123,7 +125,8 @@ def create_train_state(init_fn: Callable[[jax.Array], TrainState], seed: int,
 
 
 def _host_train_state(init_fn: InitFn, key: jax.Array, seed: int, sharding: jax.sharding.Sharding,
-                      exec_cache_dir: str | None, cache_key_parts: Mapping[str, Any] | None) -> TrainState:
+                      exec_cache_dir: str | None, cache_key_parts: Mapping[str, Any] | None,
+                      host_prefetch: Any = None) -> TrainState:
   from jaxflow import exec_cache, param_init
   options = init_compiler_options(sharding)
   use_cache = bool(exec_cache_dir) and cache_key_parts is not None
@@ -131,7 +134,9 @@ def _host_train_state(init_fn: InitFn, key: jax.Array, seed: int, sharding: jax.
   # release the GIL).
   pending = exec_cache.prefetch("init_state", cache_key_parts, exec_cache_dir, options) if use_cache else None
   abstract, rules = init_fn.variables or param_init.abstract_variables(init_fn.model, init_fn.image_shape)
-  host = param_init.host_variables(abstract, rules, seed)
+  host = host_prefetch.result(abstract, rules, seed) if host_prefetch is not None else None
+  if host is None:
+    host = param_init.host_variables(abstract, rules, seed)
 
   def put(x: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -262,6 +262,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     "optim": config.optim.to_json(sort_keys=True), "total_steps": total_steps,
                     "trainable_levels": tuple(config.trainable_levels)}
     step_prefetch = exec_cache.prefetch("train_step", lookup_parts, cache_dir)
+    # A fresh run (nothing to resume) also starts the parameters' host draws in threads: the values of the tree
+    # this config led to last, used only if the model's tree, rules and seed match (param_init).
+    host_prefetch = param_init.prefetch_host_variables(lookup_parts, config.seed, cache_dir) if start is None \
+        else None
     model = model if model is not None else build_model(config)
     image_shape = (1, INIT_SIZE, INIT_SIZE, 3)  # same parameter shapes at any crop; a small abstract trace
     # What the train step and the init program depend on besides their arguments and jaxflow's sources: the
@@ -271,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    "trainable_levels": tuple(config.trainable_levels)}
     # Parameter shapes and initialisers from one abstract (traced, never compiled) model.init; values are drawn
     # on the host by create_train_state (jaxflow.param_init).
-    variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
+    variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir, lookup_parts=lookup_parts)
     trainable = None
     if tuple(config.trainable_levels):
       if config.model.name != "spynet":
@@ -283,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     schedule = optim.make_schedule(config.optim, total_steps)
 
     state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables),
-                                         config.seed, rep, exec_cache_dir=cache_dir, cache_key_parts=cache_parts)
+                                         config.seed, rep, exec_cache_dir=cache_dir, cache_key_parts=cache_parts,
+                                         host_prefetch=host_prefetch)
     state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
     if start is not None:
       state = ckpt.restore(abstract, start)

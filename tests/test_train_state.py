@@ -220,3 +220,38 @@ def test_threaded_draws_equal_serial_draws():
   for (_, _, key, leaf), value in zip(leaves, jax.tree.leaves(serial)):
     np.testing.assert_array_equal(value, param_init.draw(rules[key], tuple(leaf.shape), leaf.dtype, 3, key))
   assert len({float(v.ravel()[0]) for v in jax.tree.leaves(serial)}) == len(leaves)  # distinct streams
+
+
+def test_prefetched_host_draws_equal_the_state_drawn_in_place(tmp_path):
+  """param_init.prefetch_host_variables draws, from the tree the lookup parts led to last, exactly the values
+  create_train_state would draw; it is used only for that tree and seed, and finds nothing before a first run."""
+  rep = parallel.replicated(parallel.make_mesh(1))
+  model = get_model("spynet", levels=2)
+  lookup = {"config": "spynet levels=2"}
+  assert param_init.prefetch_host_variables(lookup, 0, str(tmp_path)) is None  # nothing recorded yet
+  variables = param_init.abstract_variables(model, SHAPE, cache_dir=str(tmp_path), lookup_parts=lookup)
+  init_fn = make_init_fn(model, _tx(), SHAPE, variables=variables)
+  plain = _leaves(create_train_state(init_fn, 0, rep)[0].params)
+  pending = param_init.prefetch_host_variables(lookup, 0, str(tmp_path))
+  assert pending is not None
+  assert pending.result(*variables, 1) is None  # another seed: not these values
+  drawn = param_init.host_variables(*variables, 0)
+  for a, b in zip(jax.tree.leaves(pending.result(*variables, 0)), jax.tree.leaves(drawn)):
+    np.testing.assert_array_equal(a, b)
+  early = _leaves(create_train_state(init_fn, 0, rep, host_prefetch=pending)[0].params)
+  assert early.keys() == plain.keys()
+  for k in plain:
+    np.testing.assert_array_equal(early[k], plain[k])
+  # Another model's tree under the same lookup parts (the pointer now names it): the old handle is not used.
+  other = get_model("spynet", levels=3)
+  other_vars = param_init.abstract_variables(other, SHAPE, cache_dir=str(tmp_path), lookup_parts=lookup)
+  assert pending.result(*other_vars, 0) is None
+  assert param_init.prefetch_host_variables(lookup, 0, str(tmp_path)).rows == param_init._to_json(*other_vars)
+  # Without flax: the early draws run right after `import jax`.
+  import subprocess
+  import sys
+  code = ("import sys; from jaxflow import param_init; "
+          "print('flax' in sys.modules, param_init.prefetch_host_variables({'config': 'x'}, 0, sys.argv[1]))")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "False None"

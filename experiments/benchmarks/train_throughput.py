@@ -165,6 +165,11 @@ def _jax_worker(spec: dict[str, Any]) -> None:
     from jaxflow import exec_cache, platform as jaxflow_platform
     jaxflow_platform.configure(cache_dir=os.environ["JAX_COMPILATION_CACHE_DIR"], min_compile_time_secs=0)
     pending = exec_cache.prefetch("train_step", _lookup_parts(spec), exec_cache.default_dir())
+  # Likewise the parameters' host draws (the abstract tree this run's settings led to last), in threads.
+  host_pending = None
+  if early and not os.environ.get("JAXFLOW_X_NODRAW"):
+    from jaxflow import param_init
+    host_pending = param_init.prefetch_host_variables(_lookup_parts(spec), 0, exec_cache.default_dir())
   import jax.numpy as jnp
   import ml_collections
 
@@ -202,11 +207,11 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   image_shape = (1, INIT_SIZE, INIT_SIZE, 3)
   if spec.get("prefetch", True) and not early:  # the load started after the imports and the model build
     pending = exec_cache.prefetch("train_step", _lookup_parts(spec), cache_dir)
-  variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir)
+  variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir, lookup_parts=_lookup_parts(spec))
   t_abstract = time.time()
   state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables), 0, rep,
                                        method=spec.get("init_method", "host"), exec_cache_dir=cache_dir,
-                                       cache_key_parts=parts)
+                                       cache_key_parts=parts, host_prefetch=host_pending)
   jax.block_until_ready(state)
   t_init = time.time()
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
