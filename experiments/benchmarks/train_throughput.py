@@ -43,6 +43,12 @@ Reported (printed, and in --json as a list of dicts, one per configuration):
 --roofline JSON projects the step time of each result on one accelerator from its FLOPs and bytes per step
 (datasheet peaks in ACCELERATORS) and the input rate needed to feed it.
 
+Warm-start A/B switches of the jaxflow worker (environment variables, for experiments/benchmarks/warm_start.py
+--env-b): JAXFLOW_BENCH_LATE_LOAD=1 starts the cached step's background load after the imports and the model
+build (session 5's point) instead of right after `import jax`, and draws the parameters there too;
+JAXFLOW_BENCH_LATE_DRAWS=1 only draws the parameters in create_train_state instead of in the background from the
+start. Neither changes any value (the first step's loss is the same).
+
 Threads: torch uses torch.set_num_threads(--torch-threads, default all usable cores); jaxflow uses
 --jax-devices CPU devices (1: one device whose XLA intra-op thread pool uses all cores; 2: a 2-device mesh via
 --xla_force_host_platform_device_count, the batch split over them).
@@ -152,22 +158,19 @@ def _lookup_parts(spec: dict[str, Any]) -> dict[str, str]:
 
 def _jax_worker(spec: dict[str, Any]) -> None:
   import functools
-  import gc
-  if os.environ.get("JAXFLOW_X_NOGC"):
-    gc.disable()
 
   import jax
   # As the trainer: a warm start begins loading the step's executable right after `import jax`, in a thread
   # (XLA's load releases the GIL), so it overlaps the other imports, the model build and the state init.
   pending = None
-  early = spec.get("prefetch", True) and spec.get("exec_cache", True) and not os.environ.get("JAXFLOW_X_LATE")
+  early = spec.get("prefetch", True) and spec.get("exec_cache", True) and not os.environ.get("JAXFLOW_BENCH_LATE_LOAD")
   if early:
     from jaxflow import exec_cache, platform as jaxflow_platform
     jaxflow_platform.configure(cache_dir=os.environ["JAX_COMPILATION_CACHE_DIR"], min_compile_time_secs=0)
     pending = exec_cache.prefetch("train_step", _lookup_parts(spec), exec_cache.default_dir())
   # Likewise the parameters' host draws (the abstract tree this run's settings led to last), in threads.
   host_pending = None
-  if early and not os.environ.get("JAXFLOW_X_NODRAW"):
+  if early and not os.environ.get("JAXFLOW_BENCH_LATE_DRAWS"):
     from jaxflow import param_init
     host_pending = param_init.prefetch_host_variables(_lookup_parts(spec), 0, exec_cache.default_dir())
   import jax.numpy as jnp
@@ -254,8 +257,6 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   startup["first_step_exec_s"], startup["first_step_exec_cpu_s"] = t_first - t_compile, time.process_time() - c_first
   startup["first_step_exec_minor_faults"] = _minor_faults() - f_first
   startup["process_cpu_s"] = time.process_time()
-  if os.environ.get("JAXFLOW_X_NOGC"):
-    gc.enable()
   try:
     cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 - a deserialized executable may not carry its cost analysis

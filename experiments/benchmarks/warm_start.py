@@ -2,7 +2,7 @@ r"""Warm start to the end of the first training step, per model, with alternated
 
   python -m experiments.benchmarks.warm_start --model pwcnet --repeats 5
   python -m experiments.benchmarks.warm_start --model flownet_s --model pwcnet --repeats 4 \
-      --env-b JAXFLOW_EARLY_LOAD=0              # A = as is, B = with this environment variable; alternated
+      --env-b "JAXFLOW_BENCH_LATE_LOAD=1"        # A = as is, B = with this environment variable; alternated
 
 Each configuration (128x128, batch 4 by default: the `local` configs' size) first fills an executable cache with
 one cold worker of experiments/benchmarks/train_throughput.py (the trainer's start-up path), then starts
