@@ -208,6 +208,7 @@ class HostPrefetch:
   def __init__(self, rows: list[list[Any]], seed: int, threads: int | None):
     import threading
     self.rows, self.seed = rows, int(seed)
+    self.used = False  # set when `result` handed the values out
     self.values: dict[str, Any] | None = None
     self.error: BaseException | None = None
     abstract, rules = _from_json(rows)
@@ -225,6 +226,7 @@ class HostPrefetch:
     if int(seed) != self.seed or _to_json(abstract, rules) != self.rows:
       return None
     self._thread.join()
+    self.used = self.values is not None
     return self.values
 
 

@@ -238,7 +238,9 @@ def test_prefetched_host_draws_equal_the_state_drawn_in_place(tmp_path):
   drawn = param_init.host_variables(*variables, 0)
   for a, b in zip(jax.tree.leaves(pending.result(*variables, 0)), jax.tree.leaves(drawn)):
     np.testing.assert_array_equal(a, b)
+  pending = param_init.prefetch_host_variables(lookup, 0, str(tmp_path))
   early = _leaves(create_train_state(init_fn, 0, rep, host_prefetch=pending)[0].params)
+  assert pending.used
   assert early.keys() == plain.keys()
   for k in plain:
     np.testing.assert_array_equal(early[k], plain[k])

@@ -241,6 +241,7 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   c_compile = time.process_time() - c_compile
   t_compile = time.time()
   startup = {"abstract_s": t_abstract - t_import, "exec_cache_hit": cached.hit, "trace_s": t_trace,
+             "early_draws_used": bool(host_pending is not None and host_pending.used),
              "compile_cpu_s": c_compile, **{f"{k}_s": v for k, v in cached.timings.items()}}
   if spec.get("compile_only"):
     cost = compiled.cost_analysis()
@@ -417,7 +418,8 @@ def _split(st: dict[str, Any]) -> str:
   """One line of a worker's start-up split (seconds; see the module docstring)."""
   keys = ("abstract_s", "trace_s", "key_s", "load_s", "load_background_s", "lower_s", "compile_s", "store_s", "compile_cpu_s",
           "first_step_exec_s", "first_step_exec_cpu_s", "process_cpu_s")
-  return (f"exec cache {'hit' if st.get('exec_cache_hit') else 'miss/off'}; "
+  return (f"exec cache {'hit' if st.get('exec_cache_hit') else 'miss/off'}"
+          f"{', early draws used' if st.get('early_draws_used') else ''}; "
           + ", ".join(f"{k[:-2]} {st[k]:.2f}" for k in keys if k in st))
 
 
