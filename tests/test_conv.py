@@ -38,12 +38,13 @@ def numpy_weight_grad(x, g, k, s, pad, d):
 # (H, W, C_in, C_out, kernel, stride, pad, dilation): PWC-Net's kinds (3x3 s1 / s2, dilated context), odd sizes,
 # 1x1, and a 5x5 stride-3 dilation-2 case for the phase bookkeeping.
 CASES = [(8, 10, 3, 5, 3, 1, 1, 1), (8, 10, 3, 5, 3, 2, 1, 1), (9, 11, 4, 6, 3, 2, 1, 1), (16, 16, 4, 3, 3, 1, 4, 4),
-         (7, 9, 2, 3, 1, 1, 0, 1), (10, 12, 3, 2, 5, 3, 3, 2), (12, 12, 6, 2, 3, 1, 2, 2)]
+         (7, 9, 2, 3, 1, 1, 0, 1), (10, 12, 3, 2, 5, 3, 3, 2), (12, 12, 6, 2, 3, 1, 2, 2),
+         (9, 11, 3, 4, 7, 1, 3, 1)]  # SpyNet's 7x7
 
 
-# The concat and blocked modes are for stride 1 only (mode selection never picks them otherwise).
-MODE_CASES = [(case, mode) for case in CASES for mode in ("scan", "unrolled", "concat", "blocked")
-              if mode not in ("concat", "blocked") or case[5] == 1]
+# The concat, blocked and split modes are for stride 1 only (mode selection never picks them otherwise).
+MODE_CASES = [(case, mode) for case in CASES for mode in ("scan", "unrolled", "concat", "blocked", "split")
+              if mode not in ("concat", "blocked", "split") or case[5] == 1]
 
 
 @pytest.mark.parametrize("case,mode", MODE_CASES)
@@ -60,11 +61,13 @@ def test_weight_grad_matches_numpy(case, mode):
   np.testing.assert_allclose(np.asarray(got), numpy_weight_grad(x, g, k, s, pad, d), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("case", CASES + [(8, 8, 40, 40, 3, 1, 1, 1), (8, 8, 40, 40, 3, 2, 1, 1)])
+@pytest.mark.parametrize("case", CASES + [(8, 8, 40, 40, 3, 1, 1, 1), (8, 8, 40, 40, 3, 2, 1, 1),
+                                          (9, 10, 20, 24, 7, 1, 3, 1), (8, 8, 16, 2, 7, 1, 3, 1)])
 def test_conv2d_values_and_grads_match_lax(case, monkeypatch):
   """Forward identical to lax; (x, w) gradients of a nonlinear loss equal lax autodiff's (every wgrad mode is
   reached: small channel products -> lax, 40x40 -> blocked at stride 1 and scan at stride 2, C_out <= 8 at
-  stride 1 -> concat; the size threshold is lowered so that these small inputs take the matmul paths)."""
+  stride 1 -> concat, 7x7 20 -> 24 and 16 -> 2 -> split; the size threshold is lowered so that these small
+  inputs take the matmul paths)."""
   monkeypatch.setattr(conv_ops, "_MIN_TAP_MACS", 0)
   monkeypatch.setattr(conv_ops, "_IM2COL_MAX_POSITIONS", 0)  # the patch product has its own tests
   h, w, cin, cout, k, s, pad, d = case
@@ -91,6 +94,21 @@ def test_weight_grad_mode_selection():
   assert conv_ops.weight_grad_mode(32, 32, (1, 1), 4 * 48 * 64) == "lax"  # small problem: XLA's is faster
 
 
+def test_weight_grad_mode_selection_for_large_kernels_and_split(monkeypatch):
+  # 7x7 at stride 1 (SpyNet): the split product, also for C_out 2 and for any size; XLA's for inputs under 16
+  # channels; stride 2 keeps the scan.
+  for cin, cout in ((32, 64), (64, 32), (32, 16), (16, 2)):
+    assert conv_ops.weight_grad_mode(cin, cout, (1, 1), 4 * 8 * 8, (7, 7)) == "split"
+  assert conv_ops.weight_grad_mode(8, 32, (1, 1), 4 * 128 * 128, (7, 7)) == "lax"
+  assert conv_ops.weight_grad_mode(32, 64, (2, 2), 4 * 128 * 128, (7, 7)) == "scan"
+  # 3x3 (PWC-Net) keeps blocked / concat; without split (session 5's path) 7x7 takes them too.
+  assert conv_ops.weight_grad_mode(128, 128, (1, 1), None, (3, 3)) == "blocked"
+  assert conv_ops.weight_grad_mode(565, 2, (1, 1), None, (3, 3)) == "concat"
+  monkeypatch.setattr(conv_ops, "_SPLIT", False)
+  assert conv_ops.weight_grad_mode(32, 64, (1, 1), None, (7, 7)) == "blocked"
+  assert conv_ops.weight_grad_mode(16, 2, (1, 1), None, (7, 7)) == "concat"
+
+
 def test_block_rows_divide_the_height_and_bound_the_block():
   assert conv_ops._block_rows(48, 64) == 8  # 512 positions
   assert conv_ops._block_rows(96, 128) == 4
@@ -99,10 +117,11 @@ def test_block_rows_divide_the_height_and_bound_the_block():
   assert conv_ops._block_rows(7, 1000) == 1  # a row wider than a block is still one block
 
 
+@pytest.mark.parametrize("mode", ["blocked", "split"])
 @pytest.mark.parametrize("padding,d", [(((1, 1), (1, 1)), 1), (((2, 0), (0, 1)), 1), (((3, 2), (4, 1)), 2)])
-def test_blocked_weight_grad_over_many_blocks_matches_lax(padding, d, monkeypatch):
-  """Several blocks per image (block size lowered to 2-3 rows) and asymmetric padding: the blocked weight
-  gradient equals lax autodiff's."""
+def test_blocked_weight_grad_over_many_blocks_matches_lax(padding, d, mode, monkeypatch):
+  """Several blocks per image (block size lowered to 2-3 rows) and asymmetric padding: the blocked and the
+  split weight gradients equal lax autodiff's."""
   monkeypatch.setattr(conv_ops, "_BLOCK_POSITIONS", 30)
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(3, 9, 11, 5)), jnp.float32)  # rows per block: 1 (9 = 3 * 3, 3 * 11 > 30)
@@ -113,7 +132,11 @@ def test_blocked_weight_grad_over_many_blocks_matches_lax(padding, d, monkeypatc
     f = lambda w_: lax.conv_general_dilated(xx, w_, (1, 1), padding, rhs_dilation=(d, d), dimension_numbers=DN)
     y, vjp = jax.vjp(f, wt)
     g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    got = conv_ops.weight_grad_matmul(xx, g, wt.shape, (1, 1), padding, (d, d), "blocked")
+    got = conv_ops.weight_grad_matmul(xx, g, wt.shape, (1, 1), padding, (d, d), mode)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(vjp(g)[0]), rtol=2e-5, atol=2e-4)
+    # The input as channel parts (conv2d_concat's backward pass): the same gradient, rows per part.
+    parts = [xx[..., :2], xx[..., 2:3], xx[..., 3:]]
+    got = conv_ops._weight_grad_stride1(parts, g, wt.shape, padding, (d, d), mode, jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(vjp(g)[0]), rtol=2e-5, atol=2e-4)
 
 

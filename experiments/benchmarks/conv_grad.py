@@ -3,17 +3,21 @@ jaxflow.ops.conv's matmul weight gradient and against a plain matmul of the same
 
   python -m experiments.benchmarks.conv_grad --height 192 --width 256 --batch 4 --repeats 5
   python -m experiments.benchmarks.conv_grad --shapes "48x64:117->128,48x64:565->2,96x128:16->32/2"
+  python -m experiments.benchmarks.conv_grad --shapes "128x128:32->64k7,64x64:64->32k7" --cpu
 
-Shapes are 'HxW:Cin->Cout[/stride][@dilation]' (3x3 kernels, 'same' padding) at the given batch; the default
-list is a representative set of PWC-Net's convolutions (pyramid stride 2, estimator, predict_flow, context)
-at the given image size. The variants of one shape are alternated within each repeat (robust to the load of a
-shared machine); per shape it prints the median ms and GFLOP/s of: fwd, dx (lax), dw_lax, dw_ours
-(weight_grad_mode's choice), dw_scan (always the scan) and mm (a (N*Ho*Wo, 9*Cin) @ (9*Cin, Cout) matmul), and dw_lax / dw_ours.
+Shapes are 'HxW:Cin->Cout[/stride][@dilation][kK]' (K x K kernels, 3 by default, 'same' padding) at the given
+batch; the default list is a representative set of PWC-Net's convolutions (pyramid stride 2, estimator,
+predict_flow, context) at the given image size. The variants of one shape are alternated within each repeat
+(robust to the load of a shared machine); per shape it prints the median ms (process CPU time with --cpu) and
+GFLOP/s of: fwd, dx (lax), dw_lax, dw_ours (weight_grad_mode's choice), dw_scan (always the scan), at stride 1
+dw_blocked and dw_split (those modes), and mm (a (N*Ho*Wo, K*K*Cin) @ (K*K*Cin, Cout) matmul), and dw_lax /
+dw_ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -34,9 +38,13 @@ def default_shapes(h: int, w: int) -> list[str]:
           f"{h // 16}x{w // 16}:531->128", f"{h // 8}x{w // 8}:64->96/2"]
 
 
-def parse(spec: str) -> tuple[int, int, int, int, int, int]:
+def parse(spec: str) -> tuple[int, int, int, int, int, int, int]:
   try:
     size, ch = spec.split(":")
+    k = 3
+    if "k" in ch:
+      ch, ks = ch.split("k")
+      k = int(ks)
     h, w = (int(v) for v in size.split("x"))
     d = 1
     if "@" in ch:
@@ -48,21 +56,22 @@ def parse(spec: str) -> tuple[int, int, int, int, int, int]:
       s = int(st)
     cin, cout = (int(v) for v in ch.split("->"))
   except ValueError as e:
-    raise SystemExit(f"--shapes: cannot parse {spec!r}; expected 'HxW:Cin->Cout[/stride][@dilation]' ({e})")
-  return h, w, cin, cout, s, d
+    raise SystemExit(f"--shapes: cannot parse {spec!r}; expected 'HxW:Cin->Cout[/stride][@dilation][kK]' ({e})")
+  return h, w, cin, cout, s, d, k
 
 
-def bench(batch: int, h: int, w: int, cin: int, cout: int, s: int, d: int, repeats: int) -> dict[str, float]:
+def bench(batch: int, h: int, w: int, cin: int, cout: int, s: int, d: int, repeats: int, k: int = 3,
+          clock=time.perf_counter) -> dict[str, float]:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((batch, h, w, cin), np.float32))
-  wt = jnp.asarray(rng.random((3, 3, cin, cout), np.float32))
-  pad = ((d, d), (d, d))
+  wt = jnp.asarray(rng.random((k, k, cin, cout), np.float32))
+  pad = ((d * (k // 2), d * (k // 2)),) * 2
   f = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pad, rhs_dilation=(d, d), dimension_numbers=DN)
   y = f(x, wt)
   g = jnp.asarray(rng.random(y.shape, np.float32))
   m = y.shape[0] * y.shape[1] * y.shape[2]
-  mode = conv_ops.weight_grad_mode(cin, cout, (s, s), m)
-  a, b = jnp.ones((m, 9 * cin)), jnp.ones((9 * cin, cout))
+  mode = conv_ops.weight_grad_mode(cin, cout, (s, s), m, (k, k))
+  a, b = jnp.ones((m, k * k * cin)), jnp.ones((k * k * cin, cout))
   cases = {
       "fwd": (jax.jit(f), (x, wt)),
       "dx": (jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g)[0]), (x, wt, g)),
@@ -70,17 +79,21 @@ def bench(batch: int, h: int, w: int, cin: int, cout: int, s: int, d: int, repea
       "dw_ours": (jax.jit(lambda x, g: conv_ops.weight_grad_matmul(x, g, wt.shape, (s, s), pad, (d, d), mode)
                           if mode != "lax" else jax.vjp(f, x, wt)[1](g)[1]), (x, g)),
       "dw_scan": (jax.jit(lambda x, g: conv_ops.weight_grad_matmul(x, g, wt.shape, (s, s), pad, (d, d))), (x, g)),
-      "mm": (jax.jit(lambda a, b: a @ b), (a, b)),
   }
+  if s == 1:
+    for md in ("blocked", "split"):
+      cases[f"dw_{md}"] = (jax.jit(lambda x, g, md=md: conv_ops.weight_grad_matmul(x, g, wt.shape, (1, 1), pad,
+                                                                                    (d, d), md)), (x, g))
+  cases["mm"] = (jax.jit(lambda a, b: a @ b), (a, b))
   for fn, args in cases.values():
     jax.block_until_ready(fn(*args))
   times: dict[str, list[float]] = {k: [] for k in cases}
   for _ in range(repeats):
-    for k, (fn, args) in cases.items():
-      t = time.perf_counter()
+    for name, (fn, args) in cases.items():
+      t = clock()
       jax.block_until_ready(fn(*args))
-      times[k].append(time.perf_counter() - t)
-  flops = 2.0 * m * 9 * cin * cout
+      times[name].append(clock() - t)
+  flops = 2.0 * m * k * k * cin * cout
   out = {k: statistics.median(v) for k, v in times.items()}
   out["flops"] = flops
   out["mode"] = mode
@@ -93,15 +106,18 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--width", type=int, default=256)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--shapes", default=None, help="comma-separated 'HxW:Cin->Cout[/stride][@dilation]'")
+  p.add_argument("--shapes", default=None, help="comma-separated 'HxW:Cin->Cout[/stride][@dilation][kK]'")
+  p.add_argument("--cpu", action="store_true", help="time by process CPU time instead of wall time")
   args = p.parse_args(argv)
   specs = args.shapes.split(",") if args.shapes else default_shapes(args.height, args.width)
-  print(f"backend {jax.default_backend()}, batch {args.batch}, medians of {args.repeats}", flush=True)
+  print(f"backend {jax.default_backend()}, batch {args.batch}, medians of {args.repeats}, "
+        f"{'CPU' if args.cpu else 'wall'} time; load average {os.getloadavg()[0]:.1f}", flush=True)
   for spec in specs:
-    h, w, cin, cout, s, d = parse(spec)
-    r = bench(args.batch, h, w, cin, cout, s, d, args.repeats)
-    cols = " ".join(f"{k} {r[k] * 1e3:7.1f} ms ({r['flops'] / r[k] / 1e9:5.1f} GF/s)"
-                    for k in ("fwd", "dx", "dw_lax", "dw_ours", "dw_scan", "mm"))
+    h, w, cin, cout, s, d, k = parse(spec)
+    clock = time.process_time if args.cpu else time.perf_counter
+    r = bench(args.batch, h, w, cin, cout, s, d, args.repeats, k, clock)
+    cols = " ".join(f"{c} {r[c] * 1e3:7.1f} ms ({r['flops'] / r[c] / 1e9:5.1f} GF/s)"
+                    for c in ("fwd", "dx", "dw_lax", "dw_ours", "dw_scan", "dw_blocked", "dw_split", "mm") if c in r)
     print(f"{spec:22s} [{r['mode']:6s}] {cols}  dw_lax/dw_ours {r['dw_lax'] / r['dw_ours']:.2f}x", flush=True)
   return 0
 

@@ -15,6 +15,11 @@ the phase grid, so every tap is one (C_in, L) @ (L, C_out) product with a long c
 runs as a library GEMM near the machine's matmul peak. Temporaries: one transposed copy of the padded input and
 one padded copy of g per tap (freed after its product); nothing tap x channel x space sized.
 
+At stride 1 the taps are not taken one by one: `_weight_grad_blocked` copies the kh * kw shifted windows of g
+side by side per block of rows (one product per block), and `_weight_grad_split` splits the shift between the
+operands (x shifted along columns, g along rows: kw * C_in + kh * C_out values copied per position instead of
+kh * kw * C_out), which is what SpyNet's 7x7 kernels need (2-4x faster than 'blocked' there).
+
 Numerics: the same sums in a different order (float32 products and accumulation; bfloat16 inputs accumulate
 in float32 and the gradient is returned in the kernel's dtype). Tested against lax's own gradient.
 
@@ -103,8 +108,10 @@ def weight_grad_matmul(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], 
       (lo, hi)) explicit, non-negative.
     mode: 'scan' (a lax.scan over the taps: one small loop body per convolution, which keeps compile time
       close to that of XLA's own gradient), 'unrolled' (one product per tap in the graph), 'concat' (stride
-      1 only: the taps' shifted gradients side by side, one product; for few output channels) or 'blocked'
-      (stride 1 only: 'concat' over cache-sized blocks of image rows, accumulated by a scan).
+      1 only: the taps' shifted gradients side by side, one product; for few output channels), 'blocked'
+      (stride 1 only: 'concat' over cache-sized blocks of image rows, accumulated by a scan) or 'split'
+      (stride 1 only: blocks as 'blocked', the input shifted along columns and the gradient along rows;
+      `_weight_grad_split`).
   Returns:
     (kh, kw, C_in, C_out) float32 (float64 for float64 inputs).
   """
@@ -135,9 +142,9 @@ def weight_grad_matmul(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], 
     gp = lax.dynamic_update_slice(jnp.zeros((n, gy, gx, cout), g.dtype), g, (0, oy, ox, 0))
     return jnp.matmul(ph, gp.reshape(big_l, cout), preferred_element_type=acc)
 
-  if (sy, sx) == (1, 1) and mode in ("scan", "concat", "blocked"):
+  if (sy, sx) == (1, 1) and mode in ("scan", "concat", "blocked", "split"):
     return _weight_grad_stride1(x, g, kernel_shape, padding, dilation, mode, acc)
-  if mode in ("concat", "blocked"):
+  if mode in ("concat", "blocked", "split"):
     if sy * sx != 1:
       raise ValueError(f"conv: mode {mode!r} needs stride 1")
     # All taps' shifted output gradients side by side (L, K * C_out), one product with the untransposed input:
@@ -185,6 +192,8 @@ def _weight_grad_stride1(x: jax.Array | Sequence[jax.Array], g: jax.Array, kerne
     return lax.dynamic_slice(gp, (0, oy, ox, 0), (n, h, w, cout)).reshape(n * h * w, cout)
 
   contract = (((0,), (0,)), ((), ()))
+  if mode == "split":
+    return _weight_grad_split(xs, g, kernel_shape, padding, dilation, acc)
   if mode == "blocked":
     return _weight_grad_blocked(xs, gp, offsets, (kh, kw), cout, acc)
   if mode == "concat":
@@ -240,6 +249,53 @@ def _weight_grad_blocked(xs: Sequence[jax.Array], gp: jax.Array, offsets: Sequen
   total = totals[0] if len(totals) == 1 else jnp.concatenate(totals, axis=0)
   cin = total.shape[0]
   return jnp.transpose(total.reshape(cin, kernel_hw[0], kernel_hw[1], cout), (1, 2, 0, 3))
+
+
+def _weight_grad_split(xs: Sequence[jax.Array], g: jax.Array, kernel_shape: Sequence[int],
+                       padding: Sequence[tuple[int, int]], dilation: Sequence[int], acc) -> jax.Array:
+  """Stride-1 weight gradient with the kernel's taps split between the operands: column offsets on the input,
+  row offsets on the output gradient.
+
+  With L = N * H * Wo positions (x's rows, the output's columns),
+    XW[n, r, c, (j, ci)] = x[n, r, c + dx*j - left, ci]     (L, kw * C_in): x shifted along its columns only,
+    GH[n, r, c, (i, o)]  = g[n, r + top - dy*i, c, o]        (L, kh * C_out): g shifted along its rows only,
+  (zero outside the arrays), and XW^T @ GH is (kw * C_in, kh * C_out), i.e. dW[i, j, ci, o] for every tap. Per
+  position kw * C_in + kh * C_out values are copied, against kh * kw * C_out for 'blocked' (SpyNet's 7x7
+  32 -> 64: 672 against 3,136), and the product is near square (224 x 448 instead of 32 x 3,136). Rows of x
+  in the padded border are zero and are left out. As in 'blocked', the positions run in blocks of R whole rows
+  (R * Wo <= _BLOCK_POSITIONS) accumulated by a scan, so neither shifted array exists beyond one block.
+
+  xs: the input's channel parts (N, H, W, C_p); g (N, Ho, Wo, C_out). Returns (kh, kw, sum C_p, C_out) in acc.
+  """
+  kh, kw, _, cout = kernel_shape
+  n, h, w, _ = xs[0].shape
+  ho, wo = g.shape[1:3]
+  (top, _), (left, right) = padding
+  dy, dx = dilation
+  # Rows of g read by block rows [r, r + R) and tap i: [r + top - dy*i, ...); padded so every window is inside.
+  lo = max(0, dy * (kh - 1) - top)
+  gp = jnp.pad(g, ((0, 0), (lo, max(0, h + top - ho)), (0, 0), (0, 0)))
+  rows = _block_rows(h, wo)
+  per_image = h // rows
+
+  def body(totals, k):
+    b, r = k // per_image, (k % per_image) * rows
+    gh = jnp.concatenate([lax.dynamic_slice(gp, (b, r + lo + top - dy * i, 0, 0), (1, rows, wo, cout))
+                          for i in range(kh)], axis=-1).reshape(rows * wo, kh * cout)
+    out = []
+    for t, p in zip(totals, xs):
+      c = p.shape[-1]
+      xb = jnp.pad(lax.dynamic_slice(p, (b, r, 0, 0), (1, rows, w, c)), ((0, 0), (0, 0), (left, right), (0, 0)))
+      xw = jnp.concatenate([lax.slice_in_dim(xb, dx * j, dx * j + wo, axis=2) for j in range(kw)],
+                           axis=-1).reshape(rows * wo, kw * c)
+      out.append(t + lax.dot_general(xw, gh, (((0,), (0,)), ((), ())), preferred_element_type=acc))
+    return tuple(out), None
+
+  init = tuple(jnp.zeros((kw * p.shape[-1], kh * cout), acc) for p in xs)
+  totals, _ = lax.scan(body, init, jnp.arange(n * per_image))
+  # (kw, C_p, kh, C_out) per part -> (kh, kw, C_p, C_out), parts concatenated along C_in.
+  parts = [jnp.transpose(t.reshape(kw, p.shape[-1], kh, cout), (2, 0, 1, 3)) for t, p in zip(totals, xs)]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
 
 
 def conv2d_im2col(x: jax.Array, w: jax.Array, strides: Sequence[int], padding: Sequence[tuple[int, int]],
@@ -338,21 +394,35 @@ def _conv_fwd(x, w, strides, padding, dilation):
 _MIN_TAP_MACS = 5e7
 # The mode of large stride-1 weight gradients (benchmarks set 'scan' to compare with the previous default).
 _STRIDE1_MODE = "blocked"
+# Whether stride-1 weight gradients may take mode 'split' (benchmarks set False for session 5's path).
+_SPLIT = True
 
 
-def weight_grad_mode(cin: int, cout: int, strides: Sequence[int], positions: int | None = None) -> str:
-  """How `conv2d` computes a weight gradient on CPU, from measurements at PWC-Net shapes (conv_grad.py):
-  'concat' for few output channels at stride 1 (predict_flow 565 -> 2: ~7x faster than XLA's), 'lax' for
-  small channel products (16 -> 32) or small problems (`positions` = N * Ho * Wo output positions, when
-  given: fewer than _MIN_TAP_MACS multiply-adds per tap), otherwise 'blocked' at stride 1 (estimator and
-  context convolutions: 1.2-2.2x faster than the per-tap 'scan', e.g. 469 -> 64 at 48x64 b4 94 vs 162 CPU-ms)
-  and 'scan' at larger strides (the pyramid's first convolution of each level)."""
+def weight_grad_mode(cin: int, cout: int, strides: Sequence[int], positions: int | None = None,
+                     kernel: Sequence[int] = (3, 3)) -> str:
+  """How `conv2d` computes a weight gradient on CPU (kernel = (kh, kw)), from measurements (conv_grad.py --cpu).
+
+  Kernels larger than 3x3 at stride 1 (SpyNet's 7x7): 'split' (7x7 32 -> 64 at 128x128 b4: 221 CPU-ms against
+  434 for 'blocked' and 1,739 for XLA's; 16 -> 2: 13 against 53 for 'concat'), except for inputs narrower than
+  16 channels, where XLA's is as fast or faster (8 -> 32: 53 against 58). 3x3 kernels: 'concat' for few
+  output channels at stride 1 (predict_flow 565 -> 2: ~7x faster than XLA's), 'lax' for small channel products
+  (16 -> 32) or small problems (`positions` = N * Ho * Wo output positions, when given: fewer than
+  _MIN_TAP_MACS multiply-adds per tap), otherwise 'blocked' at stride 1 (estimator and context convolutions:
+  1.2-2.2x faster than the per-tap 'scan', e.g. 469 -> 64 at 48x64 b4 94 vs 162 CPU-ms) and 'scan' at larger
+  strides (the pyramid's first convolution of each level). 'split' is not taken for 3x3 kernels: at PWC-Net's
+  shapes it was within 10 % of 'blocked' (117 -> 128 at 48x64 b4 56 vs 64 CPU-ms, 373 -> 96 130 vs 127) and
+  PWC-Net's 128x128 b4 step with it 0.99x by CPU time (step_ab, load ~5)."""
   stride1 = tuple(strides) == (1, 1)
+  kh, kw = kernel
+  if stride1 and _SPLIT and kh * kw > 9:
+    return "lax" if cin < 16 and cout > 8 else "split"
   if cout <= 8 and stride1:
     return "concat"
   if cin * cout < 1024 or (positions is not None and cin * cout * positions < _MIN_TAP_MACS):
     return "lax"
-  return _STRIDE1_MODE if stride1 else "scan"
+  if not stride1:
+    return "scan"
+  return _STRIDE1_MODE
 
 
 def _conv_bwd(strides, padding, dilation, res, g):
@@ -360,7 +430,7 @@ def _conv_bwd(strides, padding, dilation, res, g):
   # The input gradient stays XLA's (a transposed convolution; it runs near matmul speed on CPU).
   (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, strides, padding, dilation),
                                jax.ShapeDtypeStruct(x.shape, x.dtype))(g)
-  mode = weight_grad_mode(w.shape[2], w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2])
+  mode = weight_grad_mode(w.shape[2], w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2], w.shape[:2])
   if mode == "lax":
     (dw,) = jax.linear_transpose(lambda w_: _lax_conv(x, w_, strides, padding, dilation),
                                  jax.ShapeDtypeStruct(w.shape, w.dtype))(g)
@@ -458,8 +528,8 @@ def _concat_bwd(strides, padding, dilation, res, g):
   for x in xs:
     bounds.append(bounds[-1] + x.shape[-1])
   dxs = tuple(lax.slice_in_dim(dx, a, b, axis=3) for a, b in zip(bounds[:-1], bounds[1:]))
-  mode = weight_grad_mode(cin, w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2])
-  if tuple(strides) == (1, 1) and mode in ("blocked", "concat"):
+  mode = weight_grad_mode(cin, w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2], w.shape[:2])
+  if tuple(strides) == (1, 1) and mode in ("blocked", "concat", "split"):
     # The weight gradient reads the parts where they are: no concatenation is rebuilt in the backward pass
     # (one would be a value XLA may schedule, and keep alive, long before it is needed).
     acc = jnp.result_type(jnp.float32, xs[0].dtype, g.dtype)
