@@ -140,6 +140,26 @@ def test_blocked_weight_grad_over_many_blocks_matches_lax(padding, d, mode, monk
     np.testing.assert_allclose(np.asarray(got), np.asarray(vjp(g)[0]), rtol=2e-5, atol=2e-4)
 
 
+@pytest.mark.parametrize("padding,d", [(((3, 3), (3, 3)), 1), (((2, 0), (0, 4)), 1), (((3, 2), (4, 1)), 2)])
+def test_split_weight_grad_gather_equals_slices(padding, d, monkeypatch):
+  """'split' takes each block's windows by one gather (zero fill outside x's columns) or by a slice per tap:
+  the same elements, so bitwise the same gradient, and both equal lax's (7x7, several blocks, channel parts)."""
+  monkeypatch.setattr(conv_ops, "_BLOCK_POSITIONS", 30)
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 10, 9, 5)), jnp.float32)
+  wt = jnp.asarray(rng.normal(size=(7, 7, 5, 3)), jnp.float32)
+  f = lambda w_: lax.conv_general_dilated(x, w_, (1, 1), padding, rhs_dilation=(d, d), dimension_numbers=DN)
+  y, vjp = jax.vjp(f, wt)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  got = {}
+  for gather in (True, False):
+    monkeypatch.setattr(conv_ops, "_GATHER_TAPS", gather)
+    got[gather] = np.asarray(conv_ops._weight_grad_stride1([x[..., :2], x[..., 2:]], g, wt.shape, padding, (d, d),
+                                                           "split", jnp.float32))
+  np.testing.assert_array_equal(got[True], got[False])
+  np.testing.assert_allclose(got[True], np.asarray(vjp(g)[0]), rtol=2e-5, atol=2e-4)
+
+
 def test_bfloat16_gradient_dtype_and_value():
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 40)), jnp.bfloat16)

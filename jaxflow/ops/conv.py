@@ -41,6 +41,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -277,19 +278,38 @@ def _weight_grad_split(xs: Sequence[jax.Array], g: jax.Array, kernel_shape: Sequ
   gp = jnp.pad(g, ((0, 0), (lo, max(0, h + top - ho)), (0, 0), (0, 0)))
   rows = _block_rows(h, wo)
   per_image = h // rows
+  if _GATHER_TAPS:
+    # Each block's shifted matrices as one gather per operand (one kernel instead of a slice per tap: XLA:CPU
+    # compiles every slice as its own kernel, ~40 CPU-ms each). Flat row indices for block row 0, shape
+    # (rows, Wo, taps); the block at row r adds r * (row length). x's columns outside [0, W) read index
+    # `beyond`, past the end even after the offset, which mode 'fill' turns into zeros.
+    hg = gp.shape[1]
+    gflat = gp.reshape(n, hg * wo, cout)
+    yy, cc = np.meshgrid(np.arange(rows), np.arange(wo), indexing="ij")
+    g_idx = np.stack([(yy + lo + top - dy * i) * wo + cc for i in range(kh)], -1).reshape(-1).astype(np.int32)
+    beyond = 2 * h * w
+    cols = np.stack([cc + dx * j - left for j in range(kw)], -1)
+    x_idx = np.where((cols >= 0) & (cols < w), yy[..., None] * w + cols, beyond).reshape(-1).astype(np.int32)
+    xflats = [p.reshape(n, h * w, p.shape[-1]) for p in xs]
 
   def body(totals, k):
     b, r = k // per_image, (k % per_image) * rows
-    gh = jnp.concatenate([lax.dynamic_slice(gp, (b, r + lo + top - dy * i, 0, 0), (1, rows, wo, cout))
-                          for i in range(kh)], axis=-1).reshape(rows * wo, kh * cout)
-    out = []
-    for t, p in zip(totals, xs):
-      c = p.shape[-1]
-      xb = jnp.pad(lax.dynamic_slice(p, (b, r, 0, 0), (1, rows, w, c)), ((0, 0), (0, 0), (left, right), (0, 0)))
-      xw = jnp.concatenate([lax.slice_in_dim(xb, dx * j, dx * j + wo, axis=2) for j in range(kw)],
-                           axis=-1).reshape(rows * wo, kw * c)
-      out.append(t + lax.dot_general(xw, gh, (((0,), (0,)), ((), ())), preferred_element_type=acc))
-    return tuple(out), None
+    if _GATHER_TAPS:
+      gh = jnp.take(lax.dynamic_index_in_dim(gflat, b, keepdims=False), g_idx + r * wo, axis=0,
+                    mode="clip").reshape(rows * wo, kh * cout)
+      xws = [jnp.take(lax.dynamic_index_in_dim(xf, b, keepdims=False), x_idx + r * w, axis=0, mode="fill",
+                      fill_value=0).reshape(rows * wo, kw * xf.shape[-1]) for xf in xflats]
+    else:
+      gh = jnp.concatenate([lax.dynamic_slice(gp, (b, r + lo + top - dy * i, 0, 0), (1, rows, wo, cout))
+                            for i in range(kh)], axis=-1).reshape(rows * wo, kh * cout)
+      xws = []
+      for p in xs:
+        c = p.shape[-1]
+        xb = jnp.pad(lax.dynamic_slice(p, (b, r, 0, 0), (1, rows, w, c)), ((0, 0), (0, 0), (left, right), (0, 0)))
+        xws.append(jnp.concatenate([lax.slice_in_dim(xb, dx * j, dx * j + wo, axis=2) for j in range(kw)],
+                                   axis=-1).reshape(rows * wo, kw * c))
+    return tuple(t + lax.dot_general(xw, gh, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+                 for t, xw in zip(totals, xws)), None
 
   init = tuple(jnp.zeros((kw * p.shape[-1], kh * cout), acc) for p in xs)
   totals, _ = lax.scan(body, init, jnp.arange(n * per_image))
@@ -396,6 +416,8 @@ _MIN_TAP_MACS = 5e7
 _STRIDE1_MODE = "blocked"
 # Whether stride-1 weight gradients may take mode 'split' (benchmarks set False for session 5's path).
 _SPLIT = True
+# Whether 'split' takes each block's shifted windows by one gather per operand instead of a slice per tap.
+_GATHER_TAPS = True
 
 
 def weight_grad_mode(cin: int, cout: int, strides: Sequence[int], positions: int | None = None,
