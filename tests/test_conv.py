@@ -134,6 +134,11 @@ def test_blocked_weight_grad_over_many_blocks_matches_lax(padding, d, mode, monk
     g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
     got = conv_ops.weight_grad_matmul(xx, g, wt.shape, (1, 1), padding, (d, d), mode)
     np.testing.assert_allclose(np.asarray(got), np.asarray(vjp(g)[0]), rtol=2e-5, atol=2e-4)
+    # Windows by a slice per tap instead of one gather: bitwise the same.
+    monkeypatch.setattr(conv_ops, "_GATHER_TAPS", False)
+    sliced = conv_ops.weight_grad_matmul(xx, g, wt.shape, (1, 1), padding, (d, d), mode)
+    monkeypatch.setattr(conv_ops, "_GATHER_TAPS", True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(sliced))
     # The input as channel parts (conv2d_concat's backward pass): the same gradient, rows per part.
     parts = [xx[..., :2], xx[..., 2:3], xx[..., 3:]]
     got = conv_ops._weight_grad_stride1(parts, g, wt.shape, padding, (d, d), mode, jnp.float32)

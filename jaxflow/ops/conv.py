@@ -236,11 +236,22 @@ def _weight_grad_blocked(xs: Sequence[jax.Array], gp: jax.Array, offsets: Sequen
   per_image = h // rows
   # Bitcasts: blocks are contiguous runs of positions.
   xbs = [p.reshape(n * per_image, rows * w, p.shape[-1]) for p in xs]
+  if _GATHER_TAPS:
+    # The block's K windows by one gather (see `_weight_grad_split`): flat indices into gp's image for block
+    # row 0, (rows, W, K); the block at row r adds r * W'.
+    hp, wp = gp.shape[1:3]
+    gflat = gp.reshape(n, hp * wp, cout)
+    yy, cc = np.meshgrid(np.arange(rows), np.arange(w), indexing="ij")
+    idx = np.stack([(yy + oy) * wp + cc + ox for oy, ox in offsets], -1).reshape(-1).astype(np.int32)
 
   def body(totals, k):
     b, r = k // per_image, (k % per_image) * rows
-    gs = jnp.concatenate([lax.dynamic_slice(gp, (b, r + oy, ox, 0), (1, rows, w, cout)).reshape(rows * w, cout)
-                          for oy, ox in offsets], axis=-1)
+    if _GATHER_TAPS:
+      gs = jnp.take(lax.dynamic_index_in_dim(gflat, b, keepdims=False), idx + r * wp, axis=0,
+                    mode="clip").reshape(rows * w, len(offsets) * cout)
+    else:
+      gs = jnp.concatenate([lax.dynamic_slice(gp, (b, r + oy, ox, 0), (1, rows, w, cout)).reshape(rows * w, cout)
+                            for oy, ox in offsets], axis=-1)
     return tuple(t + lax.dot_general(lax.dynamic_index_in_dim(xb, k, keepdims=False), gs,
                                      (((0,), (0,)), ((), ())), preferred_element_type=acc)
                  for t, xb in zip(totals, xbs)), None
@@ -416,7 +427,8 @@ _MIN_TAP_MACS = 5e7
 _STRIDE1_MODE = "blocked"
 # Whether stride-1 weight gradients may take mode 'split' (benchmarks set False for session 5's path).
 _SPLIT = True
-# Whether 'split' takes each block's shifted windows by one gather per operand instead of a slice per tap.
+# Whether 'split' and 'blocked' take each block's shifted windows by one gather per operand instead of a slice
+# per tap (benchmarks set False for session 5's slices).
 _GATHER_TAPS = True
 
 
