@@ -186,7 +186,7 @@ class FileDataset:
   def as_dataset(self, num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
     """All examples in order, decoded in parallel (deterministic order)."""
     ds = tf.data.Dataset.range(len(self))
-    return ds.map(self.element, num_parallel_calls=num_parallel_calls, deterministic=True)
+    return ds.map(tf.autograph.experimental.do_not_convert(self.element), num_parallel_calls=num_parallel_calls, deterministic=True)
 
 
 def missing_folder_error(name: str, folder: str, what: str) -> FileNotFoundError:
