@@ -50,8 +50,16 @@ def build_model(config: ml_collections.ConfigDict) -> Any:
   return get_model(config.model.name, **fields)
 
 
+def _tf_xla_cache() -> None:
+  # Before TensorFlow's import (the first pipeline call, in the prefetch thread): TensorFlow keeps the input
+  # pipeline's XLA-compiled renderer / augmentation beside JAX's compilation cache (data_pipelines.tf_cache).
+  from data_pipelines import tf_cache
+  tf_cache.enable_xla_cache(jax.config.jax_compilation_cache_dir)
+
+
 def default_train_iter(config: ml_collections.ConfigDict, *, start_step: int, process_index: int,
                        process_count: int) -> Iterable[dict[str, np.ndarray]]:
+  _tf_xla_cache()
   from data_pipelines import pipeline
   return pipeline.train_iterator(config, start_step=start_step, process_index=process_index,
                                  process_count=process_count)
@@ -59,6 +67,7 @@ def default_train_iter(config: ml_collections.ConfigDict, *, start_step: int, pr
 
 def default_eval_iter(config: ml_collections.ConfigDict, name: str, *, batch_size: int, process_index: int,
                       process_count: int) -> Iterable[dict[str, np.ndarray]]:
+  _tf_xla_cache()
   from data_pipelines import pipeline
   return pipeline.eval_iterator(config, name, batch_size=batch_size, process_index=process_index,
                                 process_count=process_count)
