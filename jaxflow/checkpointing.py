@@ -80,7 +80,13 @@ class Checkpointer:
         parts.append(f"{len(missing)} entries of the state are not in the checkpoint (first: {missing[0]})")
       if extra:
         parts.append(f"{len(extra)} checkpoint entries are not in the state (first: {extra[0]})")
-      raise ValueError(f"{where}: {'; '.join(parts)} (different model fields or optimizer?)")
+      hint = "different model fields or optimizer?"
+      if all(k.startswith("opt_state/") for k in missing + extra):
+        fused = [any(k.startswith("opt_state/moments") for k in tree) for tree in (saved, wanted)]
+        if fused[0] != fused[1]:  # jaxflow.optim's two layouts of the same Adam state
+          hint = (f"the checkpoint's optimizer state is {'fused' if fused[0] else 'per-leaf'}: resume with "
+                  f"--config.optim.fused_update={fused[0]}")
+      raise ValueError(f"{where}: {'; '.join(parts)} ({hint})")
     # Parameters first: their names say most about what differs.
     for path, shape in sorted(wanted.items(), key=lambda kv: (not kv[0].startswith("params/"), kv[0])):
       if saved[path] != shape:

@@ -69,7 +69,8 @@ def test_restore_with_another_optimizer_names_the_missing_entries(tmp_path):
                                              (1, 16, 16, 3)), 0, parallel.replicated(mesh))
   with pytest.raises(ValueError, match=r"checkpoints/2 does not match.*entries of the state are not in the "
                      r"checkpoint \(first: opt_state/1/count\).*checkpoint entries are not in the state "
-                     r"\(first: opt_state/count\)"):
+                     r"\(first: opt_state/count\) \(the checkpoint's optimizer state is fused: resume with "
+                     r"--config.optim.fused_update=True\)"):
     ckpt.restore(other)
   ckpt.close()
 
