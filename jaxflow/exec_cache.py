@@ -157,10 +157,11 @@ def light_environment() -> dict[str, Any]:
           "jaxflow_source": source_hash()}
 
 
-def _last_used_path(cache_dir: str, name: str, lookup_parts: Mapping[str, Any],
-                    compiler_options: Mapping[str, Any] | None) -> str:
-  """The small file naming the key last used by (name, lookup parts, light environment, options) with any
-  arguments. It only points at an entry: a prefetched entry is used when its full key is the call's."""
+def pointer_path(cache_dir: str, name: str, lookup_parts: Mapping[str, Any],
+                 compiler_options: Mapping[str, Any] | None = None) -> str:
+  """The small file naming what (name, lookup parts, light environment, options) led to last (any arguments):
+  the entry key a CachedFunction used (read by `prefetch`), or param_init's abstract variables. It only points:
+  what it names is used when the full key is the caller's."""
   blob = json.dumps({"name": name, "lookup_parts": {k: str(v) for k, v in lookup_parts.items()},
                      "environment": light_environment(),
                      "compiler_options": {k: str(v) for k, v in (compiler_options or {}).items()}}, sort_keys=True)
@@ -262,7 +263,7 @@ class Prefetch:
     self.error: BaseException | None = None
     self.seconds = 0.0
     self._thread: threading.Thread | None = None
-    last = _last_used_path(cache_dir, name, lookup_parts, compiler_options)
+    last = pointer_path(cache_dir, name, lookup_parts, compiler_options)
     try:
       with open(last) as f:
         self.key = f.read().strip() or None
@@ -455,7 +456,7 @@ class CachedFunction:
   def _remember(self) -> None:
     """Records this key as the one (name, key parts, environment) used last, for `prefetch`."""
     try:
-      _write_atomic(_last_used_path(self.cache_dir, self.name, self.lookup_parts, self.compiler_options),
+      write_atomic(pointer_path(self.cache_dir, self.name, self.lookup_parts, self.compiler_options),
                     self.key.encode())
     except OSError:
       pass
@@ -469,10 +470,10 @@ def store(path: str, compiled: Any) -> None:
   device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
   blob = pickle.dumps({"format": FORMAT, "payload": payload, "payload_sha256": hashlib.sha256(payload).hexdigest(),
                        "in_tree": in_tree, "out_tree": out_tree, "device_ids": device_ids})
-  _write_atomic(path, blob)
+  write_atomic(path, blob)
 
 
-def _write_atomic(path: str, blob: bytes) -> None:
+def write_atomic(path: str, blob: bytes) -> None:
   """Writes `blob` to a private temp file in path's directory, fsyncs it and renames it over `path`: readers
   (in any process) see the previous file or the complete new one; concurrent writers: the last rename wins."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -508,5 +509,5 @@ def load(path: str) -> Any:
 
 
 __all__ = ["CachedFunction", "DEFAULT_MAX_BYTES", "MAX_BYTES_ENV", "Prefetch", "cache_key", "default_dir",
-           "entry_path", "environment", "evict", "light_environment", "load", "max_bytes_from_env", "parse_size", "prefetch", "signature",
-           "source_hash", "store", "touch"]
+           "entry_path", "environment", "evict", "light_environment", "load", "max_bytes_from_env", "parse_size",
+           "pointer_path", "prefetch", "signature", "source_hash", "store", "touch", "write_atomic"]

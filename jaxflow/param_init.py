@@ -174,15 +174,14 @@ def abstract_variables(model: Any, image_shape: tuple[int, int, int, int], cache
 
 def _pointer_path(cache_dir: str, lookup_parts: Mapping[str, Any]) -> str:
   from jaxflow import exec_cache
-  blob = json.dumps({"lookup_parts": {k: str(v) for k, v in lookup_parts.items()},
-                     "environment": exec_cache.light_environment()}, sort_keys=True)
-  return os.path.join(cache_dir, f"abstract-{hashlib.sha256(blob.encode()).hexdigest()[:40]}.last")
+  return exec_cache.pointer_path(cache_dir, "abstract", lookup_parts)
 
 
 def _point(cache_dir: str, lookup_parts: Mapping[str, Any] | None, entry: str) -> None:
   """Records `entry` (an abstract-*.json path) as the one `lookup_parts` led to (only when it changed)."""
   if lookup_parts is None:
     return
+  from jaxflow import exec_cache
   pointer = _pointer_path(cache_dir, lookup_parts)
   name = os.path.basename(entry)
   try:
@@ -192,10 +191,7 @@ def _point(cache_dir: str, lookup_parts: Mapping[str, Any] | None, entry: str) -
   except OSError:
     pass
   try:
-    tmp = f"{pointer}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(name)
-    os.replace(tmp, pointer)
+    exec_cache.write_atomic(pointer, name.encode())
   except OSError:
     pass
 
