@@ -284,8 +284,12 @@ def guarded_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any,
     return fused(grads, opt_state, params, finite)
   updates, new_opt = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  return keep(new_params, params), keep(new_opt, opt_state)
+  return keep_if(finite, new_params, params), keep_if(finite, new_opt, opt_state)
+
+
+def keep_if(finite: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where `finite` (bool scalar) is True, else `old`, leaf by leaf (the skip of a non-finite step)."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 def learning_rate(optim: ml_collections.ConfigDict, total_steps: int, step: int) -> float:

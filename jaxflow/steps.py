@@ -63,10 +63,9 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_fn: LossF
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Parameters and optimiser state are kept as they were when `finite` is False (jaxflow.optim).
     new_params, new_opt = optim.guarded_update(tx, grads, state.opt_state, state.params, finite)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
     new_state = state.replace(step=state.step + 1, params=new_params,
-                              batch_stats=keep(new_stats, state.batch_stats),
+                              batch_stats=optim.keep_if(finite, new_stats, state.batch_stats),
                               opt_state=new_opt, bad_step=bad_step)
     metrics = {"loss": loss, "epe": masked_epe(outputs["flow"], batch["flow"], batch["valid"]),
                "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}

@@ -174,10 +174,12 @@ def _weight_grad_stride1(x: jax.Array | Sequence[jax.Array], g: jax.Array, kerne
   axis (a transposed-operand matmul, no copy), and only g (C_out channels) is copied, once per tap.
   Positions of the padded border carry zeros in x, so leaving them out changes nothing.
 
-  x may be a list of parts (N, H, W, C_p) whose channel concatenation is the input: modes 'concat' and
-  'blocked' then take one product per part (the rows of dW that part owns) and never concatenate them.
+  x may be a list of parts (N, H, W, C_p) whose channel concatenation is the input: modes 'concat',
+  'blocked' and 'split' then take one product per part (the rows of dW that part owns) and never concatenate them.
   """
   xs = [x] if isinstance(x, jax.Array) else list(x)
+  if mode == "split":  # pads g along rows only, itself
+    return _weight_grad_split(xs, g, kernel_shape, padding, dilation, acc)
   kh, kw, cin, cout = kernel_shape
   n, h, w, _ = xs[0].shape
   ho, wo = g.shape[1:3]
@@ -193,8 +195,6 @@ def _weight_grad_stride1(x: jax.Array | Sequence[jax.Array], g: jax.Array, kerne
     return lax.dynamic_slice(gp, (0, oy, ox, 0), (n, h, w, cout)).reshape(n * h * w, cout)
 
   contract = (((0,), (0,)), ((), ()))
-  if mode == "split":
-    return _weight_grad_split(xs, g, kernel_shape, padding, dilation, acc)
   if mode == "blocked":
     return _weight_grad_blocked(xs, gp, offsets, (kh, kw), cout, acc)
   if mode == "concat":
