@@ -16,9 +16,11 @@ configuration), like JAX's own cache.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import os
 import sys
 import warnings
+from typing import BinaryIO
 
 FLAG = "tf_xla_persistent_cache_directory"
 
@@ -32,45 +34,48 @@ def _tf_version() -> str:
   return "unknown"
 
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
+def _varint(f: BinaryIO) -> int:
   value, shift = 0, 0
   while True:
-    if i >= len(data) or shift > 63:
+    b = f.read(1)
+    if not b or shift > 63:
       raise ValueError("truncated varint")
-    b = data[i]
-    i += 1
-    value |= (b & 0x7F) << shift
-    if not b & 0x80:
-      return value, i
+    value |= (b[0] & 0x7F) << shift
+    if not b[0] & 0x80:
+      return value
     shift += 7
+
+
+def _framing_ok(f: BinaryIO, size: int) -> bool:
+  """Walks the top-level fields of the protobuf in `f` (`size` bytes) by their tags and lengths, seeking over
+  the values: an entry of a few MB is checked with a handful of small reads."""
+  if size == 0:
+    return False
+  try:
+    while f.tell() < size:
+      tag = _varint(f)
+      kind = tag & 7
+      if tag >> 3 == 0:
+        return False
+      if kind == 0:
+        _varint(f)
+      elif kind == 1:  # fixed64
+        f.seek(8, os.SEEK_CUR)
+      elif kind == 2:  # length-delimited (seeking past the end leaves tell() > size: damaged)
+        f.seek(_varint(f), os.SEEK_CUR)
+      elif kind == 5:  # fixed32
+        f.seek(4, os.SEEK_CUR)
+      else:
+        return False
+  except ValueError:
+    return False
+  return f.tell() == size
 
 
 def protobuf_framing_ok(data: bytes) -> bool:
   """True if `data` is a sequence of complete top-level protobuf fields (tags, varints, fixed and
   length-delimited values ending exactly at the end). Detects truncated or overwritten cache entries."""
-  i, n = 0, len(data)
-  if n == 0:
-    return False
-  try:
-    while i < n:
-      tag, i = _varint(data, i)
-      kind = tag & 7
-      if tag >> 3 == 0:
-        return False
-      if kind == 0:
-        _, i = _varint(data, i)
-      elif kind == 1:
-        i += 8
-      elif kind == 2:
-        size, i = _varint(data, i)
-        i += size
-      elif kind == 5:
-        i += 4
-      else:
-        return False
-  except ValueError:
-    return False
-  return i == n
+  return _framing_ok(io.BytesIO(data), len(data))
 
 
 def _drop_damaged(directory: str) -> None:
@@ -80,7 +85,7 @@ def _drop_damaged(directory: str) -> None:
     path = os.path.join(directory, name)
     try:
       with open(path, "rb") as f:
-        ok = protobuf_framing_ok(f.read())
+        ok = _framing_ok(f, os.fstat(f.fileno()).st_size)
     except OSError:
       continue
     if not ok:
