@@ -194,6 +194,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="compute dtype override")
   p.add_argument("-o", "--out", required=True, help="output folder")
   p.add_argument("--quiet", action="store_true", help="no progress line")
+  p.add_argument("--compilation_cache", default=None,
+                 help="persistent XLA compilation cache directory (a second evaluation of the same model and frame size skips compilation); default $JAXFLOW_COMPILATION_CACHE or ~/.cache/jaxflow/xla; 'none' disables it")
   args = p.parse_args(argv)
   given = sum([bool(args.images), bool(args.frames), bool(args.video)])
   if given != 1:
@@ -214,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = [tuple(args.images)]
   elif args.frames:
     pairs = consecutive_pairs(list_frames(args.frames))
+  from jaxflow import platform  # pylint: disable=import-outside-toplevel
+  platform.configure_from_flag(args.compilation_cache)
   model = _load_predictor(args)
   if args.video:
     out = infer_video(model, args.video, args.out, progress=not args.quiet)

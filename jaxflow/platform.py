@@ -93,4 +93,14 @@ def configure(cache_dir: Any = _UNSET, *, min_compile_time_secs: float = 1.0,
           "flags_applied": flags_applied, "conv_impl": conv_ops.get_default_impl()}
 
 
-__all__ = ["DEFAULT_CACHE_DIR", "configure", "merge_xla_flags"]
+def configure_from_flag(value: str | None, **kwargs: Any) -> dict[str, Any]:
+  """`configure` for the command lines' `--compilation_cache` flag: None (flag not given) -> the default
+  ($JAXFLOW_COMPILATION_CACHE or ~/.cache/jaxflow/xla), 'none' or '' -> no persistent cache, else that directory.
+  Other keyword arguments go to `configure`."""
+  if value is None:
+    return configure(**kwargs)
+  value = str(value).strip()
+  return configure(cache_dir=None if value.lower() in ("", "none") else value, **kwargs)
+
+
+__all__ = ["DEFAULT_CACHE_DIR", "configure", "configure_from_flag", "merge_xla_flags"]

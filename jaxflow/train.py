@@ -40,11 +40,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   from jaxflow import parallel, platform
-  cache = FLAGS.compilation_cache
-  if cache is None:
-    platform.configure()
-  else:
-    platform.configure(cache_dir=None if cache.lower() in ("", "none") else cache)
+  platform.configure_from_flag(FLAGS.compilation_cache)
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   auto=FLAGS.distributed_auto)
   # TensorFlow is not imported here: the trainer's input-pipeline thread imports it (data_pipelines.pipeline, which

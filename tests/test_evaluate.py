@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -405,3 +407,36 @@ def test_evaluators_from_config_match_numpy():
   with pytest.raises(KeyError, match="config.evals.bad needs the key 'num_batches'"):
     evaluators.build_evaluators(ml_collections.ConfigDict({"evals": {"bad": {"dataset": "x", "batch_size": 1}}}),
                                 Shift(), eval_iter)
+
+
+def test_compilation_cache_flag_sets_up_jax_and_tensorflow_caches(tmp_path):
+  # In a fresh interpreter: TensorFlow must not be imported yet for its cache flag to take effect.
+  code = f"""
+import json, os, sys
+import jax
+from jaxflow import evaluate, infer
+out = {{}}
+out['none'] = evaluate.configure_caches('none', ['synthetic_val:2'])
+out['tf_after_none'] = os.environ.get('TF_XLA_FLAGS', '')
+out['files'] = evaluate.configure_caches({str(tmp_path / 'c')!r}, ['middlebury'])
+out['tf_after_files'] = os.environ.get('TF_XLA_FLAGS', '')
+out['jax_dir'] = jax.config.jax_compilation_cache_dir
+out['synthetic'] = evaluate.configure_caches({str(tmp_path / 'c')!r}, ['middlebury', 'synthetic_val:2'])
+out['tf_after_synthetic'] = os.environ.get('TF_XLA_FLAGS', '')
+out['tf_imported'] = 'tensorflow' in sys.modules
+out['infer_flag'] = infer.parse_args(['a.png', 'b.png', '--workdir', 'w', '-o', 'o',
+                                      '--compilation_cache', 'none']).compilation_cache
+print(json.dumps(out))
+"""
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_XLA_FLAGS", "JAXFLOW_COMPILATION_CACHE")}
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  want = str(tmp_path / "c")
+  assert out["none"] is None and out["tf_after_none"] == ""
+  assert out["files"] == want and out["jax_dir"] == want
+  assert out["tf_after_files"] == ""  # no synthetic set: TensorFlow is not involved
+  assert out["synthetic"] == want
+  assert f"={os.path.join(want, 'tf_xla')}" in out["tf_after_synthetic"]
+  assert not out["tf_imported"]
+  assert out["infer_flag"] == "none"
