@@ -32,6 +32,8 @@ Background load (`prefetch`): XLA:CPU's load of an executable costs ~0.8 ms CPU 
 (PWC-Net's train step: ~900, 1.4-1.5 CPU-s) and releases the GIL, so a caller that knows the name and key parts early starts the load in a thread
 (`prefetch(...)`), builds its state meanwhile, and hands the handle to `CachedFunction(prefetched=...)`: the
 entry the same (name, key parts, environment) used last is loaded and used if the arguments' key matches.
+An entry keeps the argument / result trees apart from the executable and `load` unpickles them last, so XLA's
+rebuild starts right after `import jax`, not after the tree classes' modules (flax, optax) have been imported.
 
 Entries are pickles of executables: load only from a directory you trust (as with JAX's own cache).
 """
@@ -49,7 +51,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-FORMAT = 3
+FORMAT = 4  # 4: the argument / result trees pickled apart from the executable (loaded after it)
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 MAX_BYTES_ENV = "JAXFLOW_EXEC_CACHE_MAX_BYTES"
 TEMP_PREFIX = ".tmp-"
@@ -262,6 +264,7 @@ class Prefetch:
     self.compiled: Any = None
     self.error: BaseException | None = None
     self.seconds = 0.0
+    self.phases: dict[str, float] = {}  # load's 'read', 'xla', 'trees' seconds
     self._thread: threading.Thread | None = None
     last = pointer_path(cache_dir, name, lookup_parts, compiler_options)
     try:
@@ -277,7 +280,7 @@ class Prefetch:
     def run() -> None:
       t = time.perf_counter()
       try:
-        self.compiled = load(path)
+        self.compiled = load(path, self.phases)
       except BaseException as e:  # noqa: BLE001 - reported by result(); the caller compiles instead
         self.error = e
       self.seconds = time.perf_counter() - t
@@ -394,6 +397,7 @@ class CachedFunction:
       if compiled is not None:
         self.timings["load"] = time.perf_counter() - t
         self.timings["load_background"] = self.prefetched.seconds
+        self.timings.update({f"load_{k}": v for k, v in self.prefetched.phases.items()})
         self.hit = True
         touch(path)
         self.log(f"{self.name}: loaded the compiled executable {os.path.basename(path)} in the background "
@@ -463,13 +467,17 @@ class CachedFunction:
 
 
 def store(path: str, compiled: Any) -> None:
-  """Writes a compiled executable (with its argument / result trees) to `path` atomically."""
+  """Writes a compiled executable (with its argument / result trees) to `path` atomically.
+
+  The trees are pickled apart from the executable (`trees`, bytes): unpickling them imports the classes of
+  their nodes (the train state's: flax, optax, jaxflow.train_state, ~0.3-0.5 CPU-s), which `load` does only
+  after XLA has rebuilt the executable, so a background load starts XLA's work right after `import jax`."""
   from jax.experimental import serialize_executable
   payload, in_tree, out_tree = serialize_executable.serialize(compiled)
   # The devices the executable runs on, in its order (deserialize_and_load would otherwise assume all devices).
   device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
   blob = pickle.dumps({"format": FORMAT, "payload": payload, "payload_sha256": hashlib.sha256(payload).hexdigest(),
-                       "in_tree": in_tree, "out_tree": out_tree, "device_ids": device_ids})
+                       "trees": pickle.dumps((in_tree, out_tree)), "device_ids": device_ids})
   write_atomic(path, blob)
 
 
@@ -490,9 +498,14 @@ def write_atomic(path: str, blob: bytes) -> None:
     raise
 
 
-def load(path: str) -> Any:
-  """The compiled executable stored at `path` (raises on any problem)."""
+def load(path: str, timings: dict[str, float] | None = None) -> Any:
+  """The compiled executable stored at `path` (raises on any problem).
+
+  Order: the entry's outer pickle (plain bytes and lists: no imports), the payload's checksum, XLA's rebuild of
+  the executable (the bulk of the time; it releases the GIL), and only then the argument / result trees (whose
+  classes may import flax / optax). `timings` (optional) receives 'read', 'xla' and 'trees' seconds."""
   from jax.experimental import serialize_executable
+  t = time.perf_counter()
   with open(path, "rb") as f:
     entry = pickle.load(f)
   if not isinstance(entry, dict) or entry.get("format") != FORMAT:
@@ -504,8 +517,27 @@ def load(path: str) -> Any:
   if missing:
     raise ValueError(f"{path}: compiled for device ids {entry['device_ids']}, {missing} not present")
   devices = [by_id[i] for i in entry["device_ids"]]
-  return serialize_executable.deserialize_and_load(entry["payload"], entry["in_tree"], entry["out_tree"],
-                                                   backend=devices[0].client, execution_devices=devices)
+  backend = devices[0].client
+  t_read = time.perf_counter()
+  unpickler = getattr(serialize_executable, "_JaxPjrtUnpickler", None)
+  rebuilt = None
+  if unpickler is not None and hasattr(jax.stages, "Compiled"):
+    # deserialize_and_load's own steps, with the trees unpickled last (jax 0.10: payload -> unloaded
+    # executable -> loaded -> Compiled); another jax version without these internals takes the public call.
+    import io
+    unloaded, args_info_flat, no_kwargs = unpickler(io.BytesIO(entry["payload"]), backend, devices).load()
+    rebuilt = (unloaded.load(), args_info_flat, no_kwargs)
+  t_xla = time.perf_counter()
+  in_tree, out_tree = pickle.loads(entry["trees"])
+  if rebuilt is None:
+    compiled = serialize_executable.deserialize_and_load(entry["payload"], in_tree, out_tree, backend=backend,
+                                                         execution_devices=devices)
+  else:
+    loaded, args_info_flat, no_kwargs = rebuilt
+    compiled = jax.stages.Compiled(loaded, [], in_tree.unflatten(args_info_flat), out_tree, no_kwargs=no_kwargs)
+  if timings is not None:
+    timings.update(read=t_read - t, xla=t_xla - t_read, trees=time.perf_counter() - t_xla)
+  return compiled
 
 
 __all__ = ["CachedFunction", "DEFAULT_MAX_BYTES", "MAX_BYTES_ENV", "Prefetch", "cache_key", "default_dir",

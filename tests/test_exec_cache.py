@@ -417,3 +417,70 @@ print(sorted(m for m in ("flax", "optax", "ml_collections") if m in sys.modules)
                        timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split("\n")[0] == "[] False", out.stdout
+
+
+_TREE_MODULE = r"""
+import dataclasses
+import sys
+sys.modules["__main__"].EVENTS.append("tree classes")   # this module is imported when a tree is unpickled
+import jax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Box:
+  a: jax.Array
+  b: jax.Array
+"""
+
+_ORDER_SCRIPT = r"""
+import os, sys
+EVENTS = []
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import serialize_executable
+from jaxflow import exec_cache
+mode, cache_dir, run = sys.argv[1], sys.argv[2], float(sys.argv[3])
+jax.config.update("jax_compilation_cache_dir", None)
+x = jnp.asarray(np.arange(16, dtype=np.float32).reshape(4, 4) / 16)
+if mode == "store":
+  import treemod
+  f = jax.jit(lambda box: treemod.Box(jnp.tanh(box.a @ box.b) + run, box.a - run))
+  arg = treemod.Box(x, x)
+  path = exec_cache.entry_path(cache_dir, "box", exec_cache.cache_key("box", (arg,), {}))
+  exec_cache.store(path, f.lower(arg).compile())
+  print(path)
+else:
+  rebuild = serialize_executable._JaxPjrtUnpickler.persistent_load
+  def logged(self, pid):
+    EVENTS.append("xla " + pid[0])
+    return rebuild(self, pid)
+  serialize_executable._JaxPjrtUnpickler.persistent_load = logged
+  timings = {}
+  compiled = exec_cache.load(mode, timings)
+  import treemod
+  out = compiled(treemod.Box(x, x))
+  np.testing.assert_allclose(np.asarray(out.a), np.tanh(np.asarray(x) @ np.asarray(x)) + run, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out.b), np.asarray(x) - np.float32(run))
+  print([e for e in EVENTS if e in ("xla exec", "tree classes")], sorted(timings))
+"""
+
+
+def test_load_rebuilds_the_executable_before_it_imports_the_tree_classes(tmp_path):
+  """The trees are unpickled after XLA's rebuild of the executable, so a background load does not wait for the
+  tree classes' modules (a train state's: flax / optax) to import; the loaded executable computes the same."""
+  import subprocess
+  import sys
+  (tmp_path / "treemod.py").write_text(_TREE_MODULE)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(tmp_path), root]))
+
+  def run(*args):
+    out = subprocess.run([sys.executable, "-c", _ORDER_SCRIPT, *args, str(tmp_path), str(_RUN)], capture_output=True,
+                         text=True, env=env, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().split("\n")[-1]
+
+  path = run("store")
+  assert path.endswith(".jaxexec") and os.path.exists(path)
+  assert run(path) == "['xla exec', 'tree classes'] ['read', 'trees', 'xla']"

@@ -5,7 +5,8 @@ r"""Warm start to the end of the first training step, per model, with alternated
       --env-b "JAXFLOW_BENCH_LATE_LOAD=1"        # A = as is, B = with this environment variable; alternated
 
 Each configuration (128x128, batch 4 by default: the `local` configs' size) first fills an executable cache with
-one cold worker of experiments/benchmarks/train_throughput.py (the trainer's start-up path), then starts
+one worker per variant of experiments/benchmarks/train_throughput.py (the trainer's start-up path; cold unless
+the cache already holds it), then starts
 `--repeats` fresh warm workers per variant, alternating A, B, A, B, ... so a change of machine load hits both.
 Every warm worker runs its first step, then `--steps` steady steps; reported per worker and as medians:
   first    wall seconds from launching the process (before it imports jax) to the end of the first step;
@@ -100,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{tt._git_commit()}; cache {cache}", flush=True)
     for name in args.model:
       spec = _spec(name, args.height, args.width, args.batch)
-      fill = _run(dict(spec, warmup=0), base, 0)
-      print(f"{name} {args.height}x{args.width} b{args.batch}: fill run first step {fill['first']:.1f} s "
-            f"({'hit' if fill['hit'] else 'cold'}), loss {fill['loss']:.6f}", flush=True)
+      for label, extra in variants:  # one fill per variant: B's environment may change the program or the code
+        fill = _run(dict(spec, warmup=0), dict(base, **extra), 0)
+        print(f"{name} {args.height}x{args.width} b{args.batch}: fill run of {label[0]} first step "
+              f"{fill['first']:.1f} s ({'hit' if fill['hit'] else 'cold'}), loss {fill['loss']:.6f}", flush=True)
       print("  variant    " + " ".join(f"{k:>8s}" for k in FIELDS), flush=True)
       results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in variants}
       for _ in range(args.repeats):
