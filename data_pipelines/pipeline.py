@@ -141,8 +141,12 @@ def _options(config: ml_collections.ConfigDict) -> tf.data.Options:
 
 
 def train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> tf.data.Dataset:
-  """The infinite per-process training tf.data.Dataset of batches (dicts, leading axis b = B // P)."""
+                  process_count: int = 1, graph_cache_dir: str | None = None) -> tf.data.Dataset:
+  """The infinite per-process training tf.data.Dataset of batches (dicts, leading axis b = B // P).
+
+  With `graph_cache_dir`, the built-in synthetic stream's graph is kept there (data_pipelines.graph_cache) and a
+  repeated configuration is rebuilt from it without tracing (same elements, byte for byte).
+  """
   d = config.data
   name = d.train
   if name not in TRAIN_SETS and name not in _GENERATORS:
@@ -150,6 +154,21 @@ def train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0, pro
                      f"{sorted(set(TRAIN_SETS) | set(_GENERATORS))}")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
+  _check_batching(config, int(config.batch_size), process_index, process_count)
+  build = lambda: _build_train_dataset(config, start_step, process_index, process_count)
+  if name != "synthetic_chairs" or name in _GENERATORS or not graph_cache_dir:
+    return build()
+  from data_pipelines import graph_cache, synthetic_chairs
+  key = {"dataset": "train", "data": d.to_dict(), "batch_size": int(config.batch_size), "seed": int(config.seed),
+         "start_step": int(start_step), "process_index": int(process_index), "process_count": int(process_count),
+         "assets": synthetic_chairs.asset_digest(d.synthetic)}
+  return graph_cache.load_or_build(build, key, graph_cache_dir)
+
+
+def _build_train_dataset(config: ml_collections.ConfigDict, start_step: int, process_index: int,
+                         process_count: int) -> tf.data.Dataset:
+  d = config.data
+  name = d.train
   big_b = int(config.batch_size)
   b = _check_batching(config, big_b, process_index, process_count)
   seed = tf.constant(int(config.seed), tf.int64)
@@ -195,11 +214,12 @@ def train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0, pro
 
 
 def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                   process_count: int = 1, graph_cache_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Per-process numpy batches of steps start_step, start_step + 1, ...: image1/image2 (b, hc, wc, 3) float32
-  in [0, 1], flow (b, hc, wc, 2) pixels, valid (b, hc, wc) [, occlusion (b, hc, wc)], b = batch_size // P."""
-  return train_dataset(config, start_step=start_step, process_index=process_index,
-                       process_count=process_count).as_numpy_iterator()
+  in [0, 1], flow (b, hc, wc, 2) pixels, valid (b, hc, wc) [, occlusion (b, hc, wc)], b = batch_size // P.
+  `graph_cache_dir`: see `train_dataset`."""
+  return train_dataset(config, start_step=start_step, process_index=process_index, process_count=process_count,
+                       graph_cache_dir=graph_cache_dir).as_numpy_iterator()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import math
 import os
@@ -660,17 +661,40 @@ def make_generator(config: ml_collections.ConfigDict, augment: ml_collections.Co
   return gen
 
 
+_ASSET_ARRAYS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _asset_arrays(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """(backgrounds uint8 (N, Hb, Wb, 3), sprites uint8 (M, S, S, 4)) of a generator config, read once per process."""
+  key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+  if key not in _ASSET_ARRAYS:
+    h, w = (int(v) for v in cfg.image_size)
+    bg_size = (int(round(h * cfg.background_scale)), int(round(w * cfg.background_scale)))
+    backgrounds = assets.get_backgrounds(cfg.backgrounds_dir, bg_size, num_procedural=cfg.num_procedural_backgrounds,
+                                         seed=cfg.asset_seed, max_images=cfg.max_backgrounds)
+    sprites = assets.get_chairs(cfg.chairs_dir, cfg.sprite_size, num_models=cfg.num_chair_models,
+                                views_per_model=cfg.views_per_model, seed=cfg.asset_seed,
+                                max_images=cfg.max_chair_images)
+    _ASSET_ARRAYS[key] = (backgrounds, sprites)
+  return _ASSET_ARRAYS[key]
+
+
+def asset_digest(config: ml_collections.ConfigDict) -> str:
+  """SHA-256 of the background photos and chair sprites a generator config uses (their shapes and bytes): what
+  a cache of the built pipeline must match besides the config (user folders can change between runs)."""
+  _check_config(config)
+  h = hashlib.sha256()
+  for a in _asset_arrays(config):
+    h.update(repr((a.shape, a.dtype.str)).encode())
+    h.update(np.ascontiguousarray(a).data)
+  return h.hexdigest()
+
+
 def _load_assets(cfg: ml_collections.ConfigDict) -> tuple:
   """TF constants for the renderer: colour table int32 (all photos' pixels, then all sprites', packed by
   _pack_rgb), sprite alpha uint8 (M * S * S,), sprite opaque boxes float32 (M, 4); and the photo and sprite
   array shapes (N, Hb, Wb, 3), (M, S, S, 4)."""
-  h, w = (int(v) for v in cfg.image_size)
-  bg_size = (int(round(h * cfg.background_scale)), int(round(w * cfg.background_scale)))
-  backgrounds = assets.get_backgrounds(cfg.backgrounds_dir, bg_size, num_procedural=cfg.num_procedural_backgrounds,
-                                       seed=cfg.asset_seed, max_images=cfg.max_backgrounds)
-  sprites = assets.get_chairs(cfg.chairs_dir, cfg.sprite_size, num_models=cfg.num_chair_models,
-                              views_per_model=cfg.views_per_model, seed=cfg.asset_seed,
-                              max_images=cfg.max_chair_images)
+  backgrounds, sprites = _asset_arrays(cfg)
   table = np.concatenate([_pack_rgb(backgrounds).reshape(-1), _pack_rgb(sprites[..., :3]).reshape(-1)])
   return (tf.constant(table), tf.constant(sprites[..., 3].reshape(-1)), tf.constant(_sprite_boxes(sprites)),
           backgrounds.shape, sprites.shape)

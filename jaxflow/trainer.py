@@ -60,9 +60,11 @@ def _tf_xla_cache() -> None:
 def default_train_iter(config: ml_collections.ConfigDict, *, start_step: int, process_index: int,
                        process_count: int) -> Iterable[dict[str, np.ndarray]]:
   _tf_xla_cache()
-  from data_pipelines import pipeline
+  from data_pipelines import graph_cache, pipeline
+  # The built synthetic stream's graph is kept beside the caches too: a repeated configuration skips tracing.
   return pipeline.train_iterator(config, start_step=start_step, process_index=process_index,
-                                 process_count=process_count)
+                                 process_count=process_count,
+                                 graph_cache_dir=graph_cache.cache_dir_for(jax.config.jax_compilation_cache_dir))
 
 
 def default_eval_iter(config: ml_collections.ConfigDict, name: str, *, batch_size: int, process_index: int,
