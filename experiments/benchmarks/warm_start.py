@@ -14,7 +14,8 @@ Every warm worker runs its first step, then `--steps` steady steps; reported per
   overhead first - steady: what the start costs beyond one step (import, init, executable load, the first
            execution's extra cost);
   import / init / data / wait   train_throughput's split (wait: the time spent in the step's compile call,
-           i.e. waiting for the background executable load); exec: the first execution itself (wall, CPU);
+           i.e. waiting for the background executable load); load: that load's whole duration (started right
+           after `import jax`); exec: the first execution itself (wall, CPU);
   cpu      process CPU seconds to the end of the first step (robust to other jobs on the machine).
 The first step's loss is printed too: it is a function of the seed only, so variants must agree exactly.
 """
@@ -34,7 +35,8 @@ if __package__ in (None, ""):
 
 from experiments.benchmarks import train_throughput as tt  # noqa: E402  (jax-free: the parent stays light)
 
-FIELDS = ("first", "steady", "overhead", "import", "init", "data", "wait", "exec", "exec_cpu", "st_cpu", "kflt", "st_kflt", "cpu")
+FIELDS = ("first", "steady", "overhead", "import", "init", "data", "wait", "load", "exec", "exec_cpu", "st_cpu", "kflt",
+          "st_kflt", "cpu")
 
 
 def _spec(name: str, height: int, width: int, batch: int) -> dict[str, Any]:
@@ -59,7 +61,8 @@ def _run(spec: dict[str, Any], env: dict[str, str], steps: int) -> dict[str, flo
   st = first["startup"]
   return {"first": first["first_step_s"], "steady": steady, "overhead": first["first_step_s"] - steady,
           "import": first["import_s"], "init": first["init_s"], "data": first["data_s"],
-          "wait": first["compile_s"], "exec": st.get("first_step_exec_s", float("nan")),
+          "wait": first["compile_s"], "load": st.get("load_background_s", float("nan")),
+          "exec": st.get("first_step_exec_s", float("nan")),
           "exec_cpu": st.get("first_step_exec_cpu_s", float("nan")), "st_cpu": steady_cpu,
           "kflt": st.get("first_step_exec_minor_faults", float("nan")) / 1e3, "st_kflt": steady_faults / 1e3, "cpu": st.get("process_cpu_s", float("nan")),
           "loss": first["loss"], "hit": bool(st.get("exec_cache_hit"))}
