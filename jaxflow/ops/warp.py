@@ -95,13 +95,22 @@ def warp_reference(image: jax.Array, flow: jax.Array) -> jax.Array:
   return _warp_reference_jit(image, flow)
 
 
+def _weighted_corners(flat: jax.Array, index: jax.Array, weight: jax.Array, acc) -> jax.Array:
+  """sum_k weight[..., k] * flat[b, index[..., k]] over the four corners: (B, N, C) image, (B, M, 4) index and
+  weight -> (B, M, C) in `acc`. Four row gathers that XLA fuses with the weighted sum into one loop; the
+  (B, M, 4, C) corner values are never stored (on XLA:CPU one stored (B, 4M, C) gather took ~12x as long)."""
+  out = weight[..., 0, None] * _gather(flat, index[..., 0]).astype(acc)
+  for k in range(1, 4):
+    out = out + weight[..., k, None] * _gather(flat, index[..., k]).astype(acc)
+  return out
+
+
 def _warp_fwd_core(image: jax.Array, flow: jax.Array):
   b, h, w, c = image.shape
   index, weight, inside, fx, fy = _corners(flow)
-  vals = _gather(image.reshape(b, h * w, c), index.reshape(b, h * w * 4)).reshape(b, h * w, 4, c)
   acc = jnp.result_type(weight.dtype, image.dtype)
-  out = jnp.sum(weight[..., None] * vals.astype(acc), axis=2)
-  return out.reshape(b, h, w, c).astype(image.dtype), (index, weight, inside, fx, fy, vals)
+  out = _weighted_corners(image.reshape(b, h * w, c), index, weight, acc)
+  return out.reshape(b, h, w, c).astype(image.dtype), (index, weight, inside, fx, fy)
 
 
 @jax.custom_vjp
@@ -110,25 +119,35 @@ def _warp(image: jax.Array, flow: jax.Array) -> jax.Array:
 
 
 def _warp_fwd(image, flow):
-  out, (index, weight, inside, fx, fy, vals) = _warp_fwd_core(image, flow)
-  # A zero-size array carries the flow dtype (residuals must be arrays); g carries the image shape/dtype.
-  return out, (index, weight, inside, fx, fy, vals, jnp.zeros((0,), flow.dtype))
+  out, (index, weight, inside, fx, fy) = _warp_fwd_core(image, flow)
+  # A zero-size array carries the flow dtype (residuals must be arrays). The image itself is kept (it is
+  # alive anyway as the caller's input) instead of its (B, H*W, 4, C) corner values.
+  return out, (image, index, weight, inside, fx, fy, jnp.zeros((0,), flow.dtype))
 
 
 def _warp_bwd(residuals, g):
-  index, weight, inside, fx, fy, vals, flow_tag = residuals
-  shape, image_dtype, flow_dtype = g.shape, g.dtype, flow_tag.dtype
+  image, index, weight, inside, fx, fy, flow_tag = residuals
+  shape, image_dtype, flow_dtype = image.shape, image.dtype, flow_tag.dtype
   b, h, w, c = shape
   acc = jnp.result_type(weight.dtype, image_dtype)
   g = g.astype(acc).reshape(b, h * w, c)
-  # Image gradient: every output pixel sends weight_k * g to its four source pixels, in one scatter-add.
-  updates = (weight[..., None] * g[:, :, None, :]).reshape(b, h * w * 4, c)
-  grad_image = jax.vmap(lambda i, u: jnp.zeros((h * w, c), acc).at[i].add(u, mode="drop"))(
-      index.reshape(b, h * w * 4), updates)
+
+  def one_image(xs):
+    """One image's scatter-add and corner products. Per image (lax.map) the scattered-into gradient and the
+    gathered image stay in cache: on XLA:CPU the whole batch at once took 2.5-2.8x as long for both."""
+    im, idx, wt, gi = xs
+    # Image gradient: every output pixel sends weight_k * g to its four source pixels, in one scatter-add.
+    updates = (wt[..., None] * gi[:, None, :]).reshape(h * w * 4, c)
+    grad_im = jnp.zeros((h * w, c), acc).at[idx.reshape(h * w * 4)].add(updates, mode="drop")
+    # g . image(corner_k) for the flow gradient, the corner values gathered again inside the fused products.
+    gv = jnp.stack([jnp.sum(gi * jnp.take(im, idx[:, k], axis=0, mode="clip").astype(acc), axis=-1)
+                    for k in range(4)], axis=-1)
+    return grad_im, gv
+
+  grad_image, gv = jax.lax.map(one_image, (image.reshape(b, h * w, c), index, weight, g))  # (B, HW, C), (B, HW, 4)
   # Flow gradient: d weight / d px and d weight / d py of each corner (outside corners are constant 0).
   dwx = jnp.stack([-(1 - fy), 1 - fy, -fy, fy], axis=-1) * inside
   dwy = jnp.stack([-(1 - fx), -fx, 1 - fx, fx], axis=-1) * inside
-  gv = jnp.sum(g[:, :, None, :] * vals.astype(acc), axis=-1)  # (B, HW, 4)
   grad_flow = jnp.stack([jnp.sum(gv * dwx, -1), jnp.sum(gv * dwy, -1)], axis=-1)
   return grad_image.reshape(shape).astype(image_dtype), grad_flow.reshape(b, h, w, 2).astype(flow_dtype)
 
