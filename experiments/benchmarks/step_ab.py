@@ -8,7 +8,8 @@ Prints per variant: compile seconds, median step wall / CPU seconds, pairs/s, an
 'matmul-scan': the matmul weight gradient with the per-tap scan at stride 1 instead of the blocked product;
 'matmul-s4': session 4's CPU path, without the patch product for small convolutions and with XLA's transposed
 convolutions; 'matmul-s5': session 5's CPU path, without the 'split' weight gradient and with a slice per tap
-instead of a gather in the blocked one).
+instead of a gather in the blocked one; 'matmul-s6': session 6's CPU path, XLA's forward and input-gradient
+convolutions where Winograd F(4x4, 3x3) now runs).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   conv_ops._MATMUL_TRANSPOSE = impl != "matmul-s4"
   # 'matmul-s5' (and 'matmul-s4'): no 'split' weight gradient (session 5's stride-1 modes).
   conv_ops._SPLIT = conv_ops._GATHER_TAPS = impl not in ("matmul-s5", "matmul-s4")
-  impl = "matmul" if impl in ("matmul-scan", "matmul-s4", "matmul-s5") else impl
+  # 'matmul-s6' (and the earlier ones): XLA's forward and input-gradient convolutions, no Winograd.
+  conv_ops._WINOGRAD = impl not in ("matmul-s6", "matmul-s5", "matmul-s4")
+  impl = "matmul" if impl in ("matmul-scan", "matmul-s4", "matmul-s5", "matmul-s6") else impl
   conv_ops.set_default_impl(impl)
   model = get_model(model_name, dtype=dtype, **(model_overrides or {}))
   shape = (batch, height, width, 3)
@@ -66,7 +69,7 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   if lower_only:
     conv_ops.set_default_impl("auto")
     conv_ops._IM2COL_MAX_POSITIONS, conv_ops._MATMUL_TRANSPOSE, conv_ops._SPLIT = 1536, True, True
-    conv_ops._GATHER_TAPS = True
+    conv_ops._GATHER_TAPS = conv_ops._WINOGRAD = True
     return step, state, batch_arrays
   t = time.perf_counter()
   compiled = step.lower(state, batch_arrays).compile()
@@ -74,7 +77,7 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   conv_ops.set_default_impl("auto")
   conv_ops._STRIDE1_MODE = "blocked"
   conv_ops._IM2COL_MAX_POSITIONS, conv_ops._MATMUL_TRANSPOSE, conv_ops._SPLIT = 1536, True, True
-  conv_ops._GATHER_TAPS = True
+  conv_ops._GATHER_TAPS = conv_ops._WINOGRAD = True
   return compiled, state, batch_arrays, compile_s
 
 

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxflow.ops import winograd
+
 _DN = ("NHWC", "HWIO", "NHWC")
 _IMPLS = ("auto", "lax", "matmul")
 _default_impl = "auto"
@@ -177,7 +179,7 @@ def _weight_grad_stride1(x: jax.Array | Sequence[jax.Array], g: jax.Array, kerne
   x may be a list of parts (N, H, W, C_p) whose channel concatenation is the input: modes 'concat',
   'blocked' and 'split' then take one product per part (the rows of dW that part owns) and never concatenate them.
   """
-  xs = [x] if isinstance(x, jax.Array) else list(x)
+  xs = [x] if isinstance(x, (jax.Array, np.ndarray)) else list(x)
   if mode == "split":  # pads g along rows only, itself
     return _weight_grad_split(xs, g, kernel_shape, padding, dilation, acc)
   kh, kw, cin, cout = kernel_shape
@@ -410,13 +412,57 @@ def conv_transpose2d(x: jax.Array, w: jax.Array, strides: Sequence[int], padding
   return conv_transpose2d_matmul(x, w, strides, padding)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_matmul_grad(x, w, strides, padding, dilation):
+# Whether stride-1 3x3 'same' float32 convolutions (forward and input gradient) of the CPU path may run by
+# Winograd F(4x4, 3x3) (jaxflow.ops.winograd; benchmarks set False to compare with XLA's convolution).
+_WINOGRAD = True
+# ... for at least this many positions per image, and channels (C_in, C_out of the convolution as computed: the
+# input gradient's are the forward's swapped) both at least _WINOGRAD_MIN_CHANNELS with a product of at least
+# _WINOGRAD_MIN_CHANNEL_PRODUCT. experiments/benchmarks/winograd_conv.py, b8, CPU time XLA / Winograd (load ~5):
+# 96x128 117->128 1.65 (its input gradient 1.56), 245->128 1.69 / 1.78, 373->96 1.35 / 2.31, 469->64 1.10 / 1.56,
+# 565->128 1.69 / 2.23, 48x64 565->128 1.41 / 1.61; but 533->32 0.58, 565->2 0.33, 32->32 0.54, 48x64 64->64 0.86,
+# 24x32 117->128 1.26 / 1.03, 96->96 1.06 / 1.08, 12x16 117->128 0.54.
+_WINOGRAD_MIN_POSITIONS = 2048
+_WINOGRAD_MIN_CHANNELS = 64
+_WINOGRAD_MIN_CHANNEL_PRODUCT = 12288
+
+
+def use_winograd(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+                 padding: Sequence[tuple[int, int]], dilation: Sequence[int], dtype=jnp.float32) -> bool:
+  """Whether the CPU path computes the convolution of x (N, H, W, C_in) with w (kh, kw, C_in, C_out) by
+  Winograd F(4x4, 3x3): float32, 3x3, stride 1, dilation 1, padding 1 on every side, and a shape where it
+  measured faster than XLA's convolution (see the thresholds above)."""
+  cin, cout = w_shape[2], w_shape[3]
+  return (_WINOGRAD and jnp.dtype(dtype) == jnp.float32 and tuple(w_shape[:2]) == (3, 3)
+          and tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+          and x_shape[1] * x_shape[2] >= _WINOGRAD_MIN_POSITIONS and min(cin, cout) >= _WINOGRAD_MIN_CHANNELS
+          and cin * cout >= _WINOGRAD_MIN_CHANNEL_PRODUCT)
+
+
+def _cpu_conv(x: jax.Array, w: jax.Array, strides, padding, dilation) -> jax.Array:
+  """The CPU path's convolution values: Winograd where `use_winograd` says so, XLA's otherwise."""
+  if use_winograd(x.shape, w.shape, strides, padding, dilation, jnp.result_type(x.dtype, w.dtype)):
+    return winograd.conv3x3_same(x, w)
   return _lax_conv(x, w, strides, padding, dilation)
 
 
+def _cpu_input_grad(g: jax.Array, w: jax.Array, x_shape, x_dtype, strides, padding, dilation) -> jax.Array:
+  """Gradient with respect to x (shape x_shape) of sum(g * conv(x, w)): Winograd for the rotated kernel where
+  `use_winograd` takes that (C_out -> C_in) convolution, XLA's transposed convolution otherwise."""
+  if use_winograd(g.shape, (3, 3, w.shape[3], w.shape[2]), strides, padding, dilation,
+                  jnp.result_type(g.dtype, w.dtype)) and tuple(w.shape[:2]) == (3, 3):
+    return winograd.conv3x3_same_input_grad(g, w).astype(x_dtype)
+  (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, strides, padding, dilation),
+                               jax.ShapeDtypeStruct(x_shape, x_dtype))(g)
+  return dx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_matmul_grad(x, w, strides, padding, dilation):
+  return _cpu_conv(x, w, strides, padding, dilation)
+
+
 def _conv_fwd(x, w, strides, padding, dilation):
-  return _lax_conv(x, w, strides, padding, dilation), (x, w)
+  return _cpu_conv(x, w, strides, padding, dilation), (x, w)
 
 
 # Below this many multiply-adds per tap (C_in * C_out * N * Ho * Wo) XLA's own weight gradient was as fast or
@@ -461,9 +507,8 @@ def weight_grad_mode(cin: int, cout: int, strides: Sequence[int], positions: int
 
 def _conv_bwd(strides, padding, dilation, res, g):
   x, w = res
-  # The input gradient stays XLA's (a transposed convolution; it runs near matmul speed on CPU).
-  (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, strides, padding, dilation),
-                               jax.ShapeDtypeStruct(x.shape, x.dtype))(g)
+  # The input gradient is XLA's transposed convolution (near matmul speed on CPU) or Winograd's.
+  dx = _cpu_input_grad(g, w, x.shape, x.dtype, strides, padding, dilation)
   mode = weight_grad_mode(w.shape[2], w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2], w.shape[:2])
   if mode == "lax":
     (dw,) = jax.linear_transpose(lambda w_: _lax_conv(x, w_, strides, padding, dilation),
@@ -542,13 +587,13 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_of_concat(xs, w, strides, padding, dilation):
-  return _lax_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation)
+  return _cpu_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation)
 
 
 def _concat_fwd(xs, w, strides, padding, dilation):
   # The concatenation is a temporary of the forward pass; only the parts (already alive as the outputs of
   # earlier layers) are kept for the backward pass.
-  return _lax_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation), (xs, w)
+  return _cpu_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation), (xs, w)
 
 
 def _concat_bwd(strides, padding, dilation, res, g):
@@ -556,8 +601,7 @@ def _concat_bwd(strides, padding, dilation, res, g):
   cin = w.shape[2]
   n, h, wd, _ = xs[0].shape
   # The input gradient needs only the kernel; it is split into the parts' channel ranges.
-  (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, strides, padding, dilation),
-                               jax.ShapeDtypeStruct((n, h, wd, cin), xs[0].dtype))(g)
+  dx = _cpu_input_grad(g, w, (n, h, wd, cin), xs[0].dtype, strides, padding, dilation)
   bounds = [0]
   for x in xs:
     bounds.append(bounds[-1] + x.shape[-1])

@@ -1,0 +1,111 @@
+"""Winograd F(4x4, 3x3) convolution for stride-1, dilation-1, 'same'-padded 3x3 kernels (used on CPU).
+
+A 3x3 convolution computes each 4x4 block of outputs from a 6x6 window of the input. Winograd's minimal
+filtering algorithm (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016) writes it as
+
+  Y_tile = A^T [ (G w G^T) (.) (B^T d B) ] A        (per input / output channel pair, summed over C_in)
+
+with d the 6x6 input window, w the 3x3 kernel and constant matrices B^T (6x6), G (6x3), A^T (4x6) built on the
+interpolation points 0, +-1, +-2 and infinity. Summed over channels, the 36 elementwise products become 36
+independent matrix products (tiles, C_in) @ (C_in, C_out): 36 * C_in * C_out multiply-adds per 16 outputs
+instead of 144 (4x fewer), at the cost of transforming the input (36 values per 16 input positions, 2.25x) and
+the output.
+
+XLA:CPU runs the products as library GEMMs; the transforms are elementwise fusions. To keep the transformed
+input (2.25x the input) in the cache-sized range the work runs one group of images at a time (`lax.map`):
+whole-array transforms were measured slower (experiments/benchmarks/winograd_conv.py).
+
+Numerics: float32 throughout (kernel transform included); the result differs from a direct convolution by
+rounding of the transforms' small integer and 1/6, 1/12, 1/24 coefficients: measured max |error| / max |y|
+1e-5 .. 2.5e-5 for 117 .. 565 input channels (direct float32 convolution: ~1e-6).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# F(4x4, 3x3) on the points 0, 1, -1, 2, -2 and infinity.
+_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
+_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+               [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
+_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+               np.float64)
+
+
+def _combine(mat: np.ndarray, parts: list[jax.Array]) -> list[jax.Array]:
+  """[sum_j mat[i, j] * parts[j] for each row i], skipping zero coefficients (mat holds small constants)."""
+  out = []
+  for row in mat:
+    acc = None
+    for c, p in zip(row, parts):
+      if c == 0:
+        continue
+      t = p if c == 1 else (-p if c == -1 else p * np.float32(c))
+      acc = t if acc is None else acc + t
+    out.append(acc)
+  return out
+
+
+def kernel_transform(w: jax.Array) -> jax.Array:
+  """(3, 3, C_in, C_out) kernel -> (36, C_in, C_out): G w G^T per channel pair, entry (a, b) at 6 * a + b."""
+  g = jnp.asarray(_G, w.dtype)
+  u = jnp.einsum("ai,ijco,bj->abco", g, w, g, precision=lax.Precision.HIGHEST)
+  return u.reshape(36, w.shape[2], w.shape[3])
+
+
+def _tiles(xp: jax.Array, u: jax.Array, th: int, tw: int) -> jax.Array:
+  """xp (g, 4*th + 2, 4*tw + 2, C_in) zero-padded input, u (36, C_in, C_out) -> (g, 4*th, 4*tw, C_out)."""
+  g, cin, cout = xp.shape[0], xp.shape[-1], u.shape[-1]
+  # Input transform B^T d B, separably: rows first (6 strided row sets), then columns.
+  rows = [lax.slice_in_dim(xp, r, r + 4 * (th - 1) + 1, 4, axis=1) for r in range(6)]  # (g, th, W', C)
+  vs = []
+  for row in _combine(_BT, rows):
+    vs += _combine(_BT, [lax.slice_in_dim(row, c, c + 4 * (tw - 1) + 1, 4, axis=2) for c in range(6)])
+  v = jnp.stack(vs).reshape(36, g * th * tw, cin)
+  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)  # (36, n, O)
+  m = m.reshape(6, 6, g, th, tw, cout)
+  # Output transform A^T M A.
+  ys = [jnp.stack(_combine(_AT, [mi[j] for j in range(6)]), axis=3) for mi in _combine(_AT, [m[i] for i in range(6)])]
+  return jnp.stack(ys, axis=2).reshape(g, 4 * th, 4 * tw, cout)  # (g, th, 4, tw, 4, O) -> rows, columns
+
+
+def conv3x3_same(x: jax.Array, w: jax.Array, images_per_step: int = 1) -> jax.Array:
+  """Stride-1 3x3 cross-correlation with zero padding 1 on every side, by Winograd F(4x4, 3x3).
+
+  Same values as `lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))` (NHWC / HWIO) up to float32
+  rounding (see the module docstring). x (N, H, W, C_in) float32, any H, W >= 1; w (3, 3, C_in, C_out) float32.
+  Returns (N, H, W, C_out) float32. `images_per_step` images are transformed and multiplied at a time (a
+  divisor of N is used: the largest one not above it).
+  """
+  if x.ndim != 4 or w.shape[:2] != (3, 3) or w.ndim != 4 or x.shape[-1] != w.shape[2]:
+    raise ValueError(f"winograd.conv3x3_same: expected x (N, H, W, C_in) and w (3, 3, C_in, C_out), got shapes "
+                     f"{x.shape} and {w.shape}")
+  if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+    raise TypeError(f"winograd.conv3x3_same: float32 only, got {x.dtype} and {w.dtype}")
+  n, h, wd, _ = x.shape
+  cout = w.shape[3]
+  th, tw = -(-h // 4), -(-wd // 4)
+  xp = jnp.pad(x, ((0, 0), (1, 4 * th + 1 - h), (1, 4 * tw + 1 - wd), (0, 0)))
+  u = kernel_transform(w)
+  per = max(d for d in range(1, max(1, min(n, images_per_step)) + 1) if n % d == 0)
+  if per == n:
+    y = _tiles(xp, u, th, tw)
+  else:
+    y = lax.map(lambda xi: _tiles(xi, u, th, tw), xp.reshape(n // per, per, *xp.shape[1:]))
+    y = y.reshape(n, 4 * th, 4 * tw, cout)
+  return y[:, :h, :wd]
+
+
+def conv3x3_same_input_grad(g: jax.Array, w: jax.Array, images_per_step: int = 1) -> jax.Array:
+  """Gradient of sum(g * conv3x3_same(x, w)) with respect to x: g (N, H, W, C_out) -> (N, H, W, C_in).
+
+  It is again a 'same' stride-1 3x3 convolution, of g with the kernel rotated by 180 degrees and its
+  channel axes swapped: dx[n, y, x, ci] = sum g[n, y + 1 - i, x + 1 - j, co] w[i, j, ci, co]."""
+  return conv3x3_same(g, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)), images_per_step)
+
+
+__all__ = ["conv3x3_same", "conv3x3_same_input_grad", "kernel_transform"]
