@@ -234,13 +234,17 @@ def test_tiled_and_scan_agree_in_values_and_gradients(shape, md, stride):
   k = 2 * (md // stride) + 1
   g = np.random.default_rng(12).normal(size=shape[:3] + (k * k,)).astype(np.float32)
   results = {}
-  for impl in ("tiled", "scan"):
+  for impl in ("tiled", "tiled_reshape", "scan"):
     fn = lambda a, b, impl=impl: correlation(a, b, md, stride, impl=impl)
     out, vjp = jax.vjp(fn, jnp.asarray(f1), jnp.asarray(f2))
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6, err_msg=impl)
     results[impl] = [np.asarray(x) for x in vjp(jnp.asarray(g))]
   for a, b in zip(results["tiled"], results["scan"]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+  # On CPU 'tiled' reads the band off the blocks by a gather, 'tiled_reshape' by the pad/reshape skews: the
+  # same products, so the same bits (and the backward is shared).
+  for a, b in zip(results["tiled"], results["tiled_reshape"]):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_tile_side_choice_and_unknown_impl():
@@ -249,3 +253,74 @@ def test_tile_side_choice_and_unknown_impl():
   assert tile_side(24, 32, 256, 10) == 16  # FlowNetC phases: a wider window pays for bigger tiles
   with pytest.raises(ValueError, match="impl"):
     correlation(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 3)), 1, impl="fft")
+
+
+@pytest.mark.parametrize("shape,md,stride", [
+    ((1, 13, 19, 32), 4, 1),    # PWC-Net level-2 channels, odd H and W, batch 1
+    ((3, 9, 11, 196), 4, 1),    # PWC-Net's top-level channels, batch 3
+    ((2, 24, 26, 16), 20, 2),   # FlowNetC's window and stride: 12 x 13 phases, 16 x 16 tiles
+    ((2, 17, 23, 7), 2, 1),     # 4 x 4 tiles
+])
+def test_gather_skews_match_reference_values_and_gradients(shape, md, stride):
+  # The CPU default ('tiled' = 'tiled_gather') against the numpy reference and its adjoint, and bitwise
+  # against the pad/reshape skews, in values and in both gradients.
+  f1, f2 = _features(shape, 31 + md + shape[0])
+  k = 2 * (md // stride) + 1
+  g = np.random.default_rng(32).normal(size=shape[:3] + (k * k,)).astype(np.float32)
+  results = {}
+  for impl in ("tiled_gather", "tiled_reshape"):
+    fn = lambda a, b, impl=impl: correlation(a, b, md, stride, impl=impl)
+    fwd_bwd = jax.jit(lambda a, b, ct, fn=fn: (lambda o, v: (o,) + v(ct))(*jax.vjp(fn, a, b)))
+    results[impl] = [np.asarray(x) for x in fwd_bwd(f1, f2, g)]
+  np.testing.assert_allclose(results["tiled_gather"][0], numpy_correlation(f1, f2, md, stride), rtol=1e-5, atol=1e-6)
+  # Reference gradients: the correlation is bilinear, so its adjoint is exact through the numpy forward.
+  b, h, w, c = shape
+  f2p = np.pad(f2.astype(np.float64), ((0, 0), (md, md), (md, md), (0, 0)))
+  e1 = np.zeros(shape)
+  e2p = np.zeros(f2p.shape)
+  n = md // stride
+  for i in range(k):
+    for j in range(k):
+      dy, dx = (i - n) * stride, (j - n) * stride
+      gk = g[..., i * k + j, None].astype(np.float64) / c
+      e1 += gk * f2p[:, md + dy:md + dy + h, md + dx:md + dx + w]
+      e2p[:, md + dy:md + dy + h, md + dx:md + dx + w] += gk * f1
+  np.testing.assert_allclose(results["tiled_gather"][1], e1, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(results["tiled_gather"][2], e2p[:, md:md + h, md:md + w], rtol=1e-4, atol=1e-5)
+  for a, r in zip(results["tiled_gather"], results["tiled_reshape"]):
+    np.testing.assert_array_equal(a, r)
+
+
+def test_skew_gather_index_reads_the_band_of_a_constructed_block():
+  # block[r, col] = 1000 r + col, so every gathered value names the position it came from.
+  mod = sys.modules["jaxflow.ops.correlation"]
+  for t, k in ((8, 9), (4, 5), (16, 21)):
+    s = t + k - 1
+    rows, cols = mod._skew_gather_index(t, k)
+    block = 1000 * np.arange(t * t)[:, None] + np.arange(s * s)[None, :]
+    band = block[rows, cols]
+    for p, q, i, j in ((0, 0, 0, 0), (t - 1, t - 1, k - 1, k - 1), (1, t - 2, k // 2, 0), (t // 2, 3 % t, 2, k - 2)):
+      assert band[p, q, i * k + j] == 1000 * (p * t + q) + (p + i) * s + (q + j)
+
+
+def test_cpu_default_is_the_gather_path():
+  assert jax.default_backend() == "cpu"
+  f1, f2 = _features((2, 16, 24, 8), 41)
+  hlo = lambda impl: jax.jit(lambda a, b: correlation(a, b, 4, impl=impl)).lower(f1, f2).compile().as_text()
+  assert " gather(" in hlo("tiled")
+  assert " gather(" not in hlo("tiled_reshape")
+  np.testing.assert_array_equal(np.asarray(correlation(f1, f2, 4)), np.asarray(correlation(f1, f2, 4, impl="tiled_gather")))
+
+
+def test_gather_path_bfloat16_inputs():
+  shape, md = (2, 11, 13, 24), 4
+  f1, f2 = _features(shape, 42)
+  b1, b2 = jnp.asarray(f1, jnp.bfloat16), jnp.asarray(f2, jnp.bfloat16)
+  out = correlation(b1, b2, md, impl="tiled_gather")
+  assert out.dtype == jnp.float32
+  exact = numpy_correlation(np.asarray(b1.astype(jnp.float32)), np.asarray(b2.astype(jnp.float32)), md, 1)
+  np.testing.assert_allclose(np.asarray(out), exact, rtol=1e-5, atol=1e-6)
+  loss = lambda impl: jax.jit(jax.grad(lambda a, b: jnp.sum(correlation(a, b, md, impl=impl) ** 2), argnums=(0, 1)))
+  for a, r in zip(loss("tiled_gather")(b1, b2), loss("tiled_reshape")(b1, b2)):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(r.astype(jnp.float32)))

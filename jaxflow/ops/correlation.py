@@ -9,7 +9,9 @@ Two implementations of the same sums, both `jax.custom_vjp`s (gradients are writ
 - 'tiled' (the default): the image is cut into T x T pixel tiles. For one tile, every product it needs lies in
   the (T + 2d) x (T + 2d) window of f2 around it, so the tile's products with its whole window are one small
   matmul over channels, (T*T, C) @ (C, (T+2d)^2); the K*K wanted displacements of each pixel are then read off
-  that block by two "skews" (pad / reshape / slice: pure data movement, no gather). The backward pass embeds
+  that block by two "skews" (pad / reshape / slice: pure data movement, no gather; impl 'tiled_reshape',
+  accelerators' default) or, on CPU ('tiled_gather'), by one gather whose output is already the cost volume
+  in image layout (the skews' strided passes over the 3.2x larger block were ~40 % of the forward there). The backward pass embeds
   the cotangent back into the band of the block (the transposed skews) and needs two matmuls of the same
   shape: dF1 = dM @ window and dWindow = dM^T @ F1, the windows' gradients being summed back onto f2 by the
   transpose of the window construction. One batch element is processed at a time (`lax.map`), so the
@@ -37,6 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 _F32 = jnp.float32
 
@@ -245,23 +248,55 @@ def _backward_tiled_one(f1: jax.Array, f2: jax.Array, g: jax.Array, n: int, t: i
   return _untile(d1, t, h, w), d2
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _correlation_tiled(f1: jax.Array, f2: jax.Array, n: int, t: int) -> jax.Array:
-  return _forward_tiled(f1, f2, n, t)
+def _skew_gather_index(t: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Where the forward's gather reads a tile's (T*T, S*S) block, S = T + K - 1: int32 (T, T, K*K) row and
+  column indices, band[p, q, i*K + j] = block[p*T + q, (p + i)*S + q + j] (pixel (p, q) of the tile and
+  window position (p + i, q + j), i.e. displacement (i - n, j - n))."""
+  s = t + k - 1
+  p, q, i, j = np.meshgrid(np.arange(t), np.arange(t), np.arange(k), np.arange(k), indexing="ij")
+  rows = (p * t + q).reshape(t, t, k * k)
+  cols = ((p + i) * s + q + j).reshape(t, t, k * k)
+  return rows.astype(np.int32), cols.astype(np.int32)
 
 
-def _forward_tiled(f1, f2, n, t):
+def _forward_tiled_gather_one(f1: jax.Array, f2: jax.Array, n: int, t: int) -> jax.Array:
+  """`_forward_tiled_one` scaled by 1/C, with the band read off the blocks by one gather (XLA:CPU's path).
+
+  The gather's output is already in image layout, (nty, T, ntx, T, K*K): the two skews, their transposes,
+  the untiling, the crop and the 1/C scale become one loop that reads each kept product once (the skews
+  are several strided passes over the 3.2x larger block). Same values bit for bit before the scale."""
+  h, w, c = f1.shape
+  k = 2 * n + 1
+  block = jnp.einsum("yxpc,yxwc->yxpw", _tiles(f1, t), _windows(f2, t, n), preferred_element_type=f1.dtype)
+  nty, ntx = block.shape[:2]
+  rows, cols = _skew_gather_index(t, k)
+  one_tile = lambda blk: blk[rows, cols]                              # (T*T, S*S) -> (T, T, K*K)
+  band = jax.vmap(jax.vmap(one_tile, in_axes=0, out_axes=1))(block)  # (nty, T, ntx, T, K*K)
+  return band.reshape(nty * t, ntx * t, k * k)[:h, :w] * (1.0 / c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _correlation_tiled(f1: jax.Array, f2: jax.Array, n: int, t: int, skew: str) -> jax.Array:
+  return _forward_tiled(f1, f2, n, t, skew)
+
+
+def _forward_tiled(f1, f2, n, t, skew):
   b, h, w, c = f1.shape
   acc = _acc_dtype(f1, f2)
+  if skew == "gather":
+    return lax.map(lambda xs: _forward_tiled_gather_one(xs[0], xs[1], n, t), (f1.astype(acc), f2.astype(acc)))
   out = lax.map(lambda xs: _forward_tiled_one(xs[0], xs[1], n, t), (f1.astype(acc), f2.astype(acc)))
   return out * (1.0 / c)
 
 
-def _correlation_tiled_fwd(f1, f2, n, t):
-  return _forward_tiled(f1, f2, n, t), (f1, f2)
+def _correlation_tiled_fwd(f1, f2, n, t, skew):
+  return _forward_tiled(f1, f2, n, t, skew), (f1, f2)
 
 
-def _correlation_tiled_bwd(n, t, residuals, g):
+def _correlation_tiled_bwd(n, t, skew, residuals, g):
+  # Both skew modes share the backward: a gather embedding the cotangent into the blocks (with both
+  # matmuls then on XLA:CPU's fast path, 2 gathers or transposed operands) measured no faster than the
+  # transposed skews, session 7.
   f1, f2 = residuals
   c = f1.shape[-1]
   acc = _acc_dtype(f1, f2, g)
@@ -274,12 +309,12 @@ def _correlation_tiled_bwd(n, t, residuals, g):
 _correlation_tiled.defvjp(_correlation_tiled_fwd, _correlation_tiled_bwd)
 
 
-def _by_phases(f1: jax.Array, f2: jax.Array, n: int, s: int) -> jax.Array:
+def _by_phases(f1: jax.Array, f2: jax.Array, n: int, s: int, skew: str) -> jax.Array:
   """Stride-s correlation as s*s stride-1 tiled correlations of the pixel phases; (B, H, W, K*K)."""
   b, h, w, c = f1.shape
   k = 2 * n + 1
   if s == 1:
-    return _correlation_tiled(f1, f2, n, _tile_side(h, w, c, n))
+    return _correlation_tiled(f1, f2, n, _tile_side(h, w, c, n), skew)
   hp, wp = -(-h // s), -(-w // s)
   # Zero rows/columns at the end make H, W multiples of s: zeros of f2 add nothing, those of f1 are cropped.
   pad = ((0, 0), (0, hp * s - h), (0, wp * s - w), (0, 0))
@@ -288,19 +323,25 @@ def _by_phases(f1: jax.Array, f2: jax.Array, n: int, s: int) -> jax.Array:
     x = jnp.pad(x, pad).reshape(b, hp, s, wp, s, c)
     return jnp.transpose(x, (2, 4, 0, 1, 3, 5)).reshape(s * s * b, hp, wp, c)
 
-  out = _correlation_tiled(phases(f1), phases(f2), n, _tile_side(hp, wp, c, n))
+  out = _correlation_tiled(phases(f1), phases(f2), n, _tile_side(hp, wp, c, n), skew)
   out = jnp.transpose(out.reshape(s, s, b, hp, wp, k * k), (2, 3, 0, 4, 1, 5))
   return out.reshape(b, hp * s, wp * s, k * k)[:, :h, :w]
 
 
 
 def _correlation_any(f1: jax.Array, f2: jax.Array, n: int, s: int, impl: str) -> jax.Array:
-  return _by_phases(f1, f2, n, s) if impl == "tiled" else _correlation(f1, f2, n, s)
+  if impl == "scan":
+    return _correlation(f1, f2, n, s)
+  if impl == "tiled":
+    # XLA:CPU: the band by one gather per image (fast there). Accelerators keep the pad/reshape skews, pure
+    # layout work that needs no index arithmetic (TPU gathers are slow).
+    impl = "tiled_gather" if jax.default_backend() == "cpu" else "tiled_reshape"
+  return _by_phases(f1, f2, n, s, "gather" if impl == "tiled_gather" else "reshape")
 
 
 # Jitted so eager calls compile once instead of dispatching primitive by primitive; inlined under jit.
 _correlation_jit = jax.jit(_correlation_any, static_argnums=(2, 3, 4))
-IMPLS = ("tiled", "scan")
+IMPLS = ("tiled", "tiled_gather", "tiled_reshape", "scan")
 
 
 def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int = 1, *,
@@ -312,8 +353,9 @@ def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int
     max_displacement: largest |dy|, |dx| in pixels; rounded down to a multiple of `stride` (d).
     stride: step between displacements in pixels (FlowNetC's stride2 = 2; PWC-Net 1). Output positions
       are every pixel (stride1 = 1), so the spatial size is unchanged.
-    impl: 'tiled' (tile x window matmuls, the fast default) or 'scan' (one pass per displacement); the same
-      values up to float32 summation order (see the module docstring).
+    impl: 'tiled' (tile x window matmuls, the fast default: 'tiled_gather' on CPU, 'tiled_reshape'
+      elsewhere; the two differ only in how the forward reads the band off the blocks) or 'scan' (one pass
+      per displacement); the same values up to float32 summation order (see the module docstring).
 
   Returns:
     float32 (B, H, W, K*K) (float64 for float64 inputs), K = 2 * (max_displacement // stride) + 1. Channel (i * K + j) holds the
