@@ -7,7 +7,10 @@ max displacement 4, stride 1 -> 81 channels) and FlowNetC (conv3 at 1/8: 48x64x2
 stride 2 -> 441 channels).
 
 Variants (all compute the same cost volume, float32):
-  jaxflow      jaxflow.ops.correlation (impl 'tiled'): T x T tiles x (T+2d)^2 windows as matmuls, custom VJP
+  jaxflow      jaxflow.ops.correlation (impl 'tiled'): T x T tiles x (T+2d)^2 windows as matmuls, custom VJP;
+               on CPU the band is read off / written into the blocks by gathers (impl 'tiled_gather')
+  tiled_s6     the same with the pad/reshape skews (impl 'tiled_reshape': CPU's default until session 6,
+               accelerators' default)
   scan         jaxflow.ops.correlation(impl='scan'): scan over the K*K displacements, custom VJP accumulating
                per displacement (jaxflow's implementation until session 3)
   scan_ad      the same forward scan differentiated by JAX autodiff (saves a shifted f2 per displacement)
@@ -25,6 +28,8 @@ K*K*C*H*W*B*4 bytes that a materialised intermediate would take.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import time
 from typing import Callable
 
@@ -100,6 +105,7 @@ def corr_dense(f1, f2, md, s):
 
 VARIANTS: dict[str, Callable] = {
     "jaxflow": correlation,
+    "tiled_s6": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="tiled_reshape"),
     "scan": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="scan"),
     "scan_ad": corr_scan_ad,
     "rows_ad": corr_rows,
@@ -114,6 +120,22 @@ def fwd_bwd(fn: Callable, md: int, s: int) -> Callable:
     out, vjp = jax.vjp(lambda a, b: fn(a, b, md, s), f1, f2)
     return (out,) + vjp(g)
   return jax.jit(f)
+
+
+def _kernel_count(hlo: str) -> int:
+  """Approximate number of XLA:CPU kernels of a compiled program: fusions, plus the dots, copies,
+  transposes, gathers, scatters, pads and slices left outside fusions (an op inside a fused computation is
+  part of its fusion's kernel)."""
+  fused = set(re.findall(r"calls=%([\w.-]+)", hlo))
+  count, inside = 0, False
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%([\w.-]+) ", line)
+    if head and line.rstrip().endswith("{"):
+      inside = head.group(1) in fused
+      continue
+    if not inside and re.search(r" (fusion|dot|copy|transpose|gather|scatter|pad|slice|concatenate)\(", line):
+      count += 1
+  return count
 
 
 def _mb(x: float) -> str:
@@ -132,19 +154,19 @@ def run_case(name: str, shape: tuple[int, int, int, int], md: int, s: int, varia
   dense_bytes = 4 * b * k * k * c * h * w
   print(f"\n{name}: B,H,W,C = {shape}, max_displacement {md}, stride {s} -> {k * k} channels; "
         f"memory floor {_mb(floor).strip()} MB, K*K*C*H*W*B intermediate {_mb(dense_bytes).strip()} MB")
-  print(f"  {'variant':12s} {'fwd+bwd ms':>11s} {'CPU ms':>8s} {'compile s':>10s} {'temp MB':>9s} "
+  print(f"  {'variant':12s} {'fwd+bwd ms':>11s} {'CPU ms':>8s} {'compile s':>10s} {'compile CPU':>10s} "
+        f"{'kernels':>8s} {'temp MB':>9s} "
         f"{'total/floor':>12s} {'temp/KKCHW':>11s}")
   ref = None
-  results = {}
+  compiled_fns, stats = {}, {}
   for v in variants:
     f = fwd_bwd(VARIANTS[v], md, s)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     compiled = f.lower(f1, f2, g).compile()
-    t_compile = time.perf_counter() - t0
+    t_compile, cpu_compile = time.perf_counter() - t0, time.process_time() - c0
     mem = compiled.memory_analysis()
-    temp = mem.temp_size_in_bytes
-    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + temp
-    ms = cpu_ms = float("nan")
+    kernels = _kernel_count(compiled.as_text())
+    stats[v] = (t_compile, cpu_compile, mem, kernels)
     if v not in no_run:
       out = jax.block_until_ready(compiled(f1, f2, g))
       if ref is None:
@@ -152,42 +174,113 @@ def run_case(name: str, shape: tuple[int, int, int, int], md: int, s: int, varia
       else:
         err = max(float(jnp.max(jnp.abs(a - r))) for a, r in zip(out, ref))
         assert err < 1e-3, f"{v} disagrees with {variants[0]} by {err}"
-      times, cpu = [], []
-      for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(compiled(f1, f2, g))
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-      ms, cpu_ms = 1e3 * float(np.median(times)), 1e3 * float(np.median(cpu))
+      compiled_fns[v] = compiled
+  # Repeats alternate between the variants (A B C A B C ...), so a change of machine load hits all alike.
+  times: dict[str, list[float]] = {v: [] for v in compiled_fns}
+  cpu: dict[str, list[float]] = {v: [] for v in compiled_fns}
+  for _ in range(repeats):
+    for v, compiled in compiled_fns.items():
+      t0, c0 = time.perf_counter(), time.process_time()
+      jax.block_until_ready(compiled(f1, f2, g))
+      times[v].append(time.perf_counter() - t0)
+      cpu[v].append(time.process_time() - c0)
+  results = {}
+  for v in variants:
+    t_compile, cpu_compile, mem, kernels = stats[v]
+    temp = mem.temp_size_in_bytes
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + temp
+    ms = cpu_ms = float("nan")
+    if v in compiled_fns:
+      ms, cpu_ms = 1e3 * float(np.median(times[v])), 1e3 * float(np.median(cpu[v]))
       results[v] = (ms, cpu_ms)
     shown = "not run" if v in no_run else f"{ms:.1f}"
-    print(f"  {v:12s} {shown:>11s} {cpu_ms:8.1f} {t_compile:10.1f} {_mb(temp)} {total / floor:12.2f} "
-          f"{temp / dense_bytes:11.3f}")
+    print(f"  {v:12s} {shown:>11s} {cpu_ms:8.1f} {t_compile:10.2f} {cpu_compile:10.2f} {kernels:8d} {_mb(temp)} "
+          f"{total / floor:12.2f} {temp / dense_bytes:11.3f}")
   return results
 
 
+@jax.custom_vjp
+def _warp_s6(image: jax.Array, flow: jax.Array) -> jax.Array:
+  """jaxflow.ops.warp's custom VJP as of session 6 (the A/B baseline): the four corners' values in one stored
+  (B, 4HW, C) gather, and the image gradient as one batched scatter-add over the whole batch."""
+  return _warp_s6_fwd(image, flow)[0]
+
+
+def _warp_s6_fwd(image, flow):
+  from jaxflow.ops.warp import _corners, _gather
+  b, h, w, c = image.shape
+  index, weight, inside, fx, fy = _corners(flow)
+  vals = _gather(image.reshape(b, h * w, c), index.reshape(b, h * w * 4)).reshape(b, h * w, 4, c)
+  out = jnp.sum(weight[..., None] * vals, axis=2).reshape(b, h, w, c)
+  return out, (index, weight, inside, fx, fy, vals)
+
+
+def _warp_s6_bwd(residuals, g):
+  index, weight, inside, fx, fy, vals = residuals
+  b, h, w, c = g.shape
+  g = g.reshape(b, h * w, c)
+  updates = (weight[..., None] * g[:, :, None, :]).reshape(b, h * w * 4, c)
+  grad_image = jax.vmap(lambda i, u: jnp.zeros((h * w, c), g.dtype).at[i].add(u, mode="drop"))(
+      index.reshape(b, h * w * 4), updates)
+  dwx = jnp.stack([-(1 - fy), 1 - fy, -fy, fy], axis=-1) * inside
+  dwy = jnp.stack([-(1 - fx), -fx, 1 - fx, fx], axis=-1) * inside
+  gv = jnp.sum(g[:, :, None, :] * vals, axis=-1)
+  grad_flow = jnp.stack([jnp.sum(gv * dwx, -1), jnp.sum(gv * dwy, -1)], axis=-1)
+  return grad_image.reshape(b, h, w, c), grad_flow.reshape(b, h, w, 2)
+
+
+_warp_s6.defvjp(_warp_s6_fwd, _warp_s6_bwd)
+
+
 def run_warp(b: int, repeats: int) -> None:
-  """PWC-Net warps level-l features of f2 by the upsampled flow: compare the custom-VJP warp with autodiff."""
-  from jaxflow.ops.warp import warp, warp_reference
-  print("\nBackward warp fwd+bwd (PWC-Net feature levels 2..6): custom VJP (one gather, one scatter) vs autodiff")
-  print(f"  {'level':10s} {'custom ms':>10s} {'autodiff ms':>12s} {'custom temp MB':>15s} {'autodiff temp MB':>17s}")
-  for level, h, w, c in [(2, 96, 128, 32), (3, 48, 64, 64), (4, 24, 32, 96), (5, 12, 16, 128), (6, 6, 8, 196)]:
+  """PWC-Net's four warps (levels 5..2 of a 384x512 batch, features times the validity mask as in the model),
+  forward + backward: jaxflow.ops.warp against session 6's custom VJP and plain autodiff, alternated."""
+  from jaxflow.ops.warp import _corners, _mask_from_weights, warp, warp_reference
+
+  def masked(fn):
+    def f(image, flow):
+      _, weight, _, _, _ = _corners(lax.stop_gradient(flow))
+      return fn(image, flow) * _mask_from_weights(weight, image.shape[:3])[..., None]
+    return f
+
+  fns = {"jaxflow": warp, "warp_s6": _warp_s6, "autodiff": warp_reference}
+  print("\nBackward warp fwd+bwd (PWC-Net levels 5..2 at 384x512, masked as in the model), alternated repeats")
+  print(f"  {'level':6s} " + " ".join(f"{v + ' ms':>13s} {'CPU':>7s} {'compile s':>9s} {'kernels':>7s}" for v in fns))
+  totals = {v: [0.0, 0.0] for v in fns}
+  for level, h, w, c in [(5, 12, 16, 128), (4, 24, 32, 96), (3, 48, 64, 64), (2, 96, 128, 32)]:
     k1, k2, k3 = jax.random.split(jax.random.key(level), 3)
     image = jax.random.normal(k1, (b, h, w, c))
-    flow = 5 * jax.random.normal(k2, (b, h, w, 2))
+    flow = 3 * jax.random.normal(k2, (b, h, w, 2))
     g = jax.random.normal(k3, (b, h, w, c))
+    compiled, info = {}, {}
+    for v, fn in fns.items():
+      f = jax.jit(lambda i, fl, ct, fn=fn: (lambda o, vjp: (o,) + vjp(ct))(*jax.vjp(masked(fn), i, fl)))
+      t0 = time.perf_counter()
+      compiled[v] = f.lower(image, flow, g).compile()
+      info[v] = (time.perf_counter() - t0, _kernel_count(compiled[v].as_text()))
+      out = jax.block_until_ready(compiled[v](image, flow, g))
+      if v != "jaxflow":
+        ref = compiled["jaxflow"](image, flow, g)
+        err = max(float(jnp.max(jnp.abs(a - r))) for a, r in zip(out, ref))
+        assert err < 1e-3, f"warp {v} disagrees with jaxflow by {err}"
+    times = {v: [] for v in fns}
+    cpu = {v: [] for v in fns}
+    for _ in range(repeats):
+      for v in fns:
+        t0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(compiled[v](image, flow, g))
+        times[v].append(1e3 * (time.perf_counter() - t0))
+        cpu[v].append(1e3 * (time.process_time() - c0))
     row = []
-    for fn in (warp, warp_reference):
-      f = jax.jit(lambda i, fl, ct, fn=fn: jax.vjp(fn, i, fl)[1](ct))
-      compiled = f.lower(image, flow, g).compile()
-      jax.block_until_ready(compiled(image, flow, g))
-      times = []
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(image, flow, g))
-        times.append(time.perf_counter() - t0)
-      row += [1e3 * float(np.median(times)), compiled.memory_analysis().temp_size_in_bytes]
-    print(f"  {level:<10d} {row[0]:10.1f} {row[2]:12.1f} {_mb(row[1]):>15s} {_mb(row[3]):>17s}")
+    for v in fns:
+      ms, cms = float(np.median(times[v])), float(np.median(cpu[v]))
+      totals[v][0] += ms
+      totals[v][1] += cms
+      row.append(f"{ms:13.1f} {cms:7.1f} {info[v][0]:9.2f} {info[v][1]:7d}")
+    print(f"  {level:<6d} " + " ".join(row))
+  print("  four warps: " + ", ".join(f"{v} {ms:.1f} ms wall / {cms:.1f} ms CPU" for v, (ms, cms) in totals.items()))
+  base = totals["warp_s6"]
+  print(f"  jaxflow vs warp_s6: {base[0] / totals['jaxflow'][0]:.2f}x wall, {base[1] / totals['jaxflow'][1]:.2f}x CPU")
 
 
 def main() -> None:
@@ -196,13 +289,15 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--variants", default="jaxflow,scan,scan_ad,rows_ad,unrolled_ad,band_mm,dense")
   parser.add_argument("--quick", action="store_true", help="only PWC-Net level 2 and FlowNetC")
-  parser.add_argument("--warp", action="store_true", help="also time jaxflow.ops.warp against autodiff")
+  parser.add_argument("--warp", action="store_true", help="also time jaxflow.ops.warp against session 6's and autodiff")
+  parser.add_argument("--no-flownetc", action="store_true", help="skip the FlowNetC case")
   args = parser.parse_args()
   variants = args.variants.split(",")
   for v in variants:
     if v not in VARIANTS:
       raise SystemExit(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}; "
+        f"load average {os.getloadavg()[0]:.2f}")
   b = args.batch
   pwc = [(2, 96, 128, 32), (3, 48, 64, 64), (4, 24, 32, 96), (5, 12, 16, 128), (6, 6, 8, 196)]
   if args.quick:
@@ -216,15 +311,18 @@ def main() -> None:
       totals[v][1] += cpu_ms
   print(f"\nPWC-Net levels {pwc[0][0]}..{pwc[-1][0]} at batch {b}, sum of the medians (fwd+bwd):")
   for v, (ms, cpu_ms) in totals.items():
-    ratio = f", CPU time {cpu_ms / totals[variants[0]][1]:.2f}x {variants[0]}'s" if v != variants[0] else ""
+    ratio = (f", {ms / totals[variants[0]][0]:.2f}x wall / {cpu_ms / totals[variants[0]][1]:.2f}x CPU time of "
+             f"{variants[0]}'s" if v != variants[0] else "")
     print(f"  {v:12s} {ms:9.1f} ms wall, {cpu_ms:9.1f} ms CPU{ratio}")
   # FlowNetC: a 441 x 256 x 48 x 64 x B intermediate (10.6 GB at B = 8) is what the autodiff scans and the
   # dense variant build, so those are compiled for their memory analysis but not run; the unrolled variant
   # (441 separate ops) takes minutes to compile and is left out.
-  run_case("FlowNetC conv3", (b, 48, 64, 256), 20, 2, [v for v in variants if v != "unrolled_ad"], args.repeats,
-           no_run=("scan_ad", "rows_ad", "dense"))
+  if not args.no_flownetc:
+    run_case("FlowNetC conv3", (b, 48, 64, 256), 20, 2, [v for v in variants if v != "unrolled_ad"], args.repeats,
+             no_run=("scan_ad", "rows_ad", "dense"))
   if args.warp:
     run_warp(b, args.repeats)
+  print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

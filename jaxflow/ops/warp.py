@@ -140,8 +140,8 @@ def _warp_bwd(residuals, g):
     updates = (wt[..., None] * gi[:, None, :]).reshape(h * w * 4, c)
     grad_im = jnp.zeros((h * w, c), acc).at[idx.reshape(h * w * 4)].add(updates, mode="drop")
     # g . image(corner_k) for the flow gradient, the corner values gathered again inside the fused products.
-    gv = jnp.stack([jnp.sum(gi * jnp.take(im, idx[:, k], axis=0, mode="clip").astype(acc), axis=-1)
-                    for k in range(4)], axis=-1)
+    vals = jnp.take(im, idx.reshape(h * w * 4), axis=0, mode="clip").reshape(h * w, 4, c).astype(acc)
+    gv = jnp.einsum("nc,nkc->nk", gi, vals, precision=jax.lax.Precision.HIGHEST)
     return grad_im, gv
 
   grad_image, gv = jax.lax.map(one_image, (image.reshape(b, h * w, c), index, weight, g))  # (B, HW, C), (B, HW, 4)
