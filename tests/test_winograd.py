@@ -149,3 +149,15 @@ def test_conv2d_concat_with_winograd_values_and_grads_match_lax(monkeypatch):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, atol=TOL * float(np.max(np.abs(b))))
   np.testing.assert_allclose(dk, dk_ref, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(dk_ref))))
+
+
+def test_fused_transforms_give_the_same_values(monkeypatch):
+  # The elementwise form of the transforms (winograd._TRANSFORMS = 'fused') against the float64 reference and the
+  # default matmul form.
+  x, k = _data(2, 9, 14, 16, 12, seed=6)
+  y_mm = winograd.conv3x3_same(x, k)
+  monkeypatch.setattr(winograd, "_TRANSFORMS", "fused")
+  y_fused = winograd.conv3x3_same(x, k)
+  ref = _ref64(x, k)
+  assert _rel(y_fused, ref) < TOL and _rel(y_mm, ref) < TOL
+  np.testing.assert_allclose(y_fused, y_mm, atol=TOL * float(np.max(np.abs(ref))))

@@ -4,7 +4,7 @@ r"""Winograd F(4x4, 3x3) against XLA's convolution at PWC-Net's stride-1 3x3 sha
 
 Shapes are 'HxW:Cin->Cout'. Per shape and pass ('fwd': x (Cin) -> y (Cout); 'dx': g (Cout) -> dx (Cin)) the
 variants are alternated within each repeat (robust to a shared machine's load) and it prints the median wall ms
-and process CPU ms of XLA's ('xla') and of jaxflow.ops.winograd with 1 and 2 images per step ('w1', 'w2'), the
+and process CPU ms of XLA's ('xla') and of jaxflow.ops.winograd ('w1': its default, 'wf': the 'fused' transforms), the
 ratio xla / w1 by CPU time and the error max |w - xla| / max |xla|.
 """
 
@@ -34,6 +34,15 @@ def _lax(x, w):
   return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
 
 
+def _fused(f, *args):
+  """f traced with the 'fused' transforms (one kernel per transformed entry) instead of the default."""
+  old, winograd._TRANSFORMS = winograd._TRANSFORMS, "fused"
+  try:
+    return f(*args)
+  finally:
+    winograd._TRANSFORMS = old
+
+
 def bench(batch: int, h: int, w: int, cin: int, cout: int, repeats: int) -> None:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, h, w, cin), np.float32))
@@ -42,9 +51,9 @@ def bench(batch: int, h: int, w: int, cin: int, cout: int, repeats: int) -> None
   dx_lax = lambda g, k: jax.linear_transpose(lambda x_: _lax(x_, k), jax.ShapeDtypeStruct(x.shape, x.dtype))(g)[0]
   passes = {
       "fwd": ((x, k), {"xla": _lax, "w1": lambda x, k: winograd.conv3x3_same(x, k, 1),
-                       "w2": lambda x, k: winograd.conv3x3_same(x, k, 2)}),
+                       "wf": lambda x, k: _fused(winograd.conv3x3_same, x, k)}),
       "dx": ((g, k), {"xla": dx_lax, "w1": lambda g, k: winograd.conv3x3_same_input_grad(g, k, 1),
-                      "w2": lambda g, k: winograd.conv3x3_same_input_grad(g, k, 2)}),
+                      "wf": lambda g, k: _fused(winograd.conv3x3_same_input_grad, g, k)}),
   }
   gflop = 2 * batch * h * w * cin * cout * 9 / 1e9
   for name, (args, fns) in passes.items():

@@ -11,13 +11,18 @@ independent matrix products (tiles, C_in) @ (C_in, C_out): 36 * C_in * C_out mul
 instead of 144 (4x fewer), at the cost of transforming the input (36 values per 16 input positions, 2.25x) and
 the output.
 
-XLA:CPU runs the products as library GEMMs; the transforms are elementwise fusions. To keep the transformed
-input (2.25x the input) in the cache-sized range the work runs one group of images at a time (`lax.map`):
-whole-array transforms were measured slower (experiments/benchmarks/winograd_conv.py).
+XLA:CPU runs the products as library GEMMs. The transforms are products too (`_TRANSFORMS` 'matmul'): each
+tile's 36 window values are gathered at once and multiplied by the constant kron(B^T, B^T) (36 x 36), the
+products' results by kron(A^T, A^T) (16 x 36); written as 36 + 16 elementwise combinations instead ('fused'),
+XLA emitted one kernel per entry (~65 per convolution, ~6 CPU-s more compile for a forward and input gradient
+against ~0.5) and ran them slower (experiments/benchmarks/winograd_conv.py, 'wf'). The work runs one image at a
+time (`lax.map`; a prototype measured whole-batch transforms slower) so the gathered windows (2.25x the input)
+stay in the cache-sized range while each product still has N = tiles per image rows.
 
 Numerics: float32 throughout (kernel transform included); the result differs from a direct convolution by
 rounding of the transforms' small integer and 1/6, 1/12, 1/24 coefficients: measured max |error| / max |y|
-1e-5 .. 2.5e-5 for 117 .. 565 input channels (direct float32 convolution: ~1e-6).
+(against XLA's convolution) 1e-5 .. 2.8e-5 forward for 117 .. 565 input channels, 6e-6 .. 8e-6 for input
+gradients.
 """
 
 from __future__ import annotations
@@ -36,20 +41,6 @@ _AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0
                np.float64)
 
 
-def _combine(mat: np.ndarray, parts: list[jax.Array]) -> list[jax.Array]:
-  """[sum_j mat[i, j] * parts[j] for each row i], skipping zero coefficients (mat holds small constants)."""
-  out = []
-  for row in mat:
-    acc = None
-    for c, p in zip(row, parts):
-      if c == 0:
-        continue
-      t = p if c == 1 else (-p if c == -1 else p * np.float32(c))
-      acc = t if acc is None else acc + t
-    out.append(acc)
-  return out
-
-
 def kernel_transform(w: jax.Array) -> jax.Array:
   """(3, 3, C_in, C_out) kernel -> (36, C_in, C_out): G w G^T per channel pair, entry (a, b) at 6 * a + b."""
   g = jnp.asarray(_G, w.dtype)
@@ -57,20 +48,55 @@ def kernel_transform(w: jax.Array) -> jax.Array:
   return u.reshape(36, w.shape[2], w.shape[3])
 
 
+def _direct(bt: np.ndarray, a: int, b: int, part) -> jax.Array:
+  """sum_{r, c} bt[a, r] * bt[b, c] * part(r, c) over the nonzero coefficients, written out per term: no
+  intermediate is shared between the (a, b) entries, so XLA fuses all of them into one loop."""
+  acc = None
+  for r in range(bt.shape[1]):
+    for c in range(bt.shape[1]):
+      coef = bt[a, r] * bt[b, c]
+      if coef == 0:
+        continue
+      t = part(r, c)
+      t = t if coef == 1 else (-t if coef == -1 else t * np.float32(coef))
+      acc = t if acc is None else acc + t
+  return acc
+
+
 def _tiles(xp: jax.Array, u: jax.Array, th: int, tw: int) -> jax.Array:
   """xp (g, 4*th + 2, 4*tw + 2, C_in) zero-padded input, u (36, C_in, C_out) -> (g, 4*th, 4*tw, C_out)."""
   g, cin, cout = xp.shape[0], xp.shape[-1], u.shape[-1]
-  # Input transform B^T d B, separably: rows first (6 strided row sets), then columns.
-  rows = [lax.slice_in_dim(xp, r, r + 4 * (th - 1) + 1, 4, axis=1) for r in range(6)]  # (g, th, W', C)
-  vs = []
-  for row in _combine(_BT, rows):
-    vs += _combine(_BT, [lax.slice_in_dim(row, c, c + 4 * (tw - 1) + 1, 4, axis=2) for c in range(6)])
-  v = jnp.stack(vs).reshape(36, g * th * tw, cin)
+  # Input transform B^T d B: entry (a, b) of tile (i, j) is a combination of xp[4i + r, 4j + c], 0 <= r, c < 6.
+  win = lambda r, c: xp[:, r:r + 4 * (th - 1) + 1:4, c:c + 4 * (tw - 1) + 1:4]  # (g, th, tw, C)
+  v = jnp.stack([_direct(_BT, a, b, win) for a in range(6) for b in range(6)]).reshape(36, g * th * tw, cin)
   m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)  # (36, n, O)
   m = m.reshape(6, 6, g, th, tw, cout)
-  # Output transform A^T M A.
-  ys = [jnp.stack(_combine(_AT, [mi[j] for j in range(6)]), axis=3) for mi in _combine(_AT, [m[i] for i in range(6)])]
-  return jnp.stack(ys, axis=2).reshape(g, 4 * th, 4 * tw, cout)  # (g, th, 4, tw, 4, O) -> rows, columns
+  # Output transform A^T M A: output (p, q) of each tile.
+  y = jnp.stack([jnp.stack([_direct(_AT, p, q, lambda i, j: m[i, j]) for q in range(4)], axis=3)
+                 for p in range(4)], axis=2)  # (g, th, 4, tw, 4, O)
+  return y.reshape(g, 4 * th, 4 * tw, cout)
+
+
+# How the transforms run: 'matmul' (the 36 windows of each tile by one gather, both transforms as one product
+# with the constant kron(B^T, B^T) (36 x 36) and kron(A^T, A^T) (16 x 36): a handful of kernels per convolution)
+# or 'fused' (each of the 36 + 16 transformed entries as its own elementwise kernel: ~65 kernels per convolution,
+# ~6 CPU-s more compile per forward + input gradient).
+_TRANSFORMS = "matmul"
+
+
+def _tiles_matmul(xp: jax.Array, u: jax.Array, th: int, tw: int) -> jax.Array:
+  """`_tiles` with the transforms as matrix products (see _TRANSFORMS)."""
+  g, hp, wp, cin = xp.shape
+  cout = u.shape[-1]
+  r, c, i, j = np.meshgrid(np.arange(6), np.arange(6), np.arange(th), np.arange(tw), indexing="ij")
+  idx = ((4 * i + r) * wp + 4 * j + c).reshape(-1).astype(np.int32)  # (36 * th * tw,): window entry, tile
+  p = jnp.take(xp.reshape(g, hp * wp, cin), idx, axis=1, mode="clip").reshape(g, 36, th * tw * cin)
+  p = jnp.swapaxes(p, 0, 1).reshape(36, g * th * tw * cin)
+  v = jnp.dot(jnp.asarray(np.kron(_BT, _BT), jnp.float32), p).reshape(36, g * th * tw, cin)
+  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)  # (36, n, O)
+  y = jnp.dot(jnp.asarray(np.kron(_AT, _AT), jnp.float32), m.reshape(36, g * th * tw * cout))  # (16, n * O)
+  y = jnp.transpose(y.reshape(4, 4, g, th, tw, cout), (2, 3, 0, 4, 1, 5))  # (g, th, 4, tw, 4, O)
+  return y.reshape(g, 4 * th, 4 * tw, cout)
 
 
 def conv3x3_same(x: jax.Array, w: jax.Array, images_per_step: int = 1) -> jax.Array:
@@ -92,10 +118,11 @@ def conv3x3_same(x: jax.Array, w: jax.Array, images_per_step: int = 1) -> jax.Ar
   xp = jnp.pad(x, ((0, 0), (1, 4 * th + 1 - h), (1, 4 * tw + 1 - wd), (0, 0)))
   u = kernel_transform(w)
   per = max(d for d in range(1, max(1, min(n, images_per_step)) + 1) if n % d == 0)
+  tiles = _tiles_matmul if _TRANSFORMS == "matmul" else _tiles
   if per == n:
-    y = _tiles(xp, u, th, tw)
+    y = tiles(xp, u, th, tw)
   else:
-    y = lax.map(lambda xi: _tiles(xi, u, th, tw), xp.reshape(n // per, per, *xp.shape[1:]))
+    y = lax.map(lambda xi: tiles(xi, u, th, tw), xp.reshape(n // per, per, *xp.shape[1:]))
     y = y.reshape(n, 4 * th, 4 * tw, cout)
   return y[:, :h, :wd]
 
