@@ -161,3 +161,41 @@ def test_fused_transforms_give_the_same_values(monkeypatch):
   ref = _ref64(x, k)
   assert _rel(y_fused, ref) < TOL and _rel(y_mm, ref) < TOL
   np.testing.assert_allclose(y_fused, y_mm, atol=TOL * float(np.max(np.abs(ref))))
+
+
+def test_small_pwcnet_with_winograd_everywhere_matches_xla(monkeypatch):
+  # Every stride-1 3x3 undilated conv of a small PWC-Net by Winograd (thresholds forced to 1), forward and input
+  # gradient, against the same network on XLA's convolutions: flows and parameter gradients agree.
+  from jaxflow.models import get_model
+  model = get_model("pwcnet", pyramid_channels=(8, 16), estimator_channels=(16, 16, 8), search_range=2,
+                    context_channels=(16, 8), context_dilations=(1, 2))
+  rng = np.random.default_rng(7)
+  im1, im2 = (jnp.asarray(rng.random((2, 64, 64, 3), np.float32)) for _ in range(2))
+  variables = model.init(jax.random.key(0), im1, im2)
+
+  def loss(params):
+    flows = model.apply({**variables, "params": params}, im1, im2)["flows"]
+    return sum(jnp.mean(jnp.square(f - 0.3)) for f in flows), flows
+
+  def run():
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+  conv_ops.set_default_impl("lax")
+  try:
+    (l_ref, flows_ref), g_ref = run()
+  finally:
+    conv_ops.set_default_impl("auto")
+  _force_winograd(monkeypatch)
+  monkeypatch.setattr(conv_ops, "_MIN_TAP_MACS", 0)
+  calls = []
+  plain = winograd.conv3x3_same
+  monkeypatch.setattr(winograd, "conv3x3_same", lambda x, w, *a: calls.append(w.shape) or plain(x, w, *a))
+  (l_w, flows_w), g_w = run()
+  # 8 forward convs by Winograd (pyramid conv1 of both levels, estimator conv0-2 + predict_flow, context conv0 and
+  # predict_flow; the dilated context conv1 stays XLA's), and input gradients by it too.
+  assert len(calls) >= 16 and (3, 3, 25, 16) in calls and (3, 3, 16, 25) in calls
+  for a, b in zip(flows_w, flows_ref):
+    np.testing.assert_allclose(a, b, atol=1e-4 * float(np.max(np.abs(b))) + 1e-6)
+  np.testing.assert_allclose(l_w, l_ref, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(g_w), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, atol=1e-3 * float(np.max(np.abs(b))) + 1e-7)
