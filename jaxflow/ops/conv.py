@@ -29,6 +29,12 @@ convolution is one product of its patch matrix with the kernel, differentiated b
 and its input gradient ran at 0.5-20 GFLOP per CPU-second there. Transposed convolutions (`conv_transpose2d`, the models' deconvs) are
 one product and an overlap-add on CPU, for the same reason (XLA's weight gradient: 2-5 GFLOP per CPU-second).
 
+Forward and input gradient by Winograd (`use_winograd`, jaxflow.ops.winograd): on the CPU path, float32 3x3
+stride-1 undilated convolutions with padding 1, enough positions per image and channels on both sides (PWC-Net's
+estimator conv0-conv3 and context conv0 at its fine levels, FlowNet's conv3_1) compute their values, and their
+input gradients, by F(4x4, 3x3) (1.4-2.4x less CPU time than XLA's convolution at those shapes); the weight
+gradient keeps the modes above.
+
 Selection: `conv2d(..., impl=None)` uses the matmul weight gradient on the CPU backend and plain lax elsewhere
 (GPU/TPU convolution gradients are native and fast). `set_default_impl('lax' | 'matmul' | 'auto')` overrides it
 process-wide (tests, benchmarks).
