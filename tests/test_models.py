@@ -139,10 +139,13 @@ def test_same_output_under_shard_map(name):
   expected = built.forward(built.variables, image1, image2)
   split = jax.NamedSharding(mesh, jax.P("data"))
   got = sharded(built.variables, jax.device_put(image1, split), jax.device_put(image2, split))
-  np.testing.assert_allclose(np.asarray(got["flow"]), np.asarray(expected["flow"]), rtol=1e-4, atol=1e-4)
+  # One image per device vs two in one program: XLA fuses some ops (e.g. the warp's four weighted corner gathers)
+  # differently, so float32 roundings differ and grow through PWC-Net's five refinement levels of an untrained
+  # network (measured: 1.1e-4 at one of 1,024 values). Mixing up examples or devices would be off by O(flow).
+  np.testing.assert_allclose(np.asarray(got["flow"]), np.asarray(expected["flow"]), rtol=1e-4, atol=3e-4)
   assert len(got["flows"]) == len(expected["flows"])
   for g, e in zip(got["flows"], expected["flows"]):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=3e-4)
 
 
 @pytest.mark.parametrize("name", MODELS)
