@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 
@@ -31,7 +29,7 @@ def _set_variant(variant: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from experiments.benchmarks.step_ab import add_step_args, build
+  from experiments.benchmarks.step_ab import add_step_args, build, time_alternated
   import jaxflow.ops.correlation  # noqa: F401  (registers the module for _set_variant)
   import jaxflow.ops.warp  # noqa: F401
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,24 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     compiled, state, batch, compile_s = build(args.model, args.height, args.width, args.batch, "matmul")
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
-    runs[v] = [compiled, state, batch, [], []]
+    runs[v] = [compiled, state, batch]
     print(f"{v}: compile {compile_s:.1f} s", flush=True)
   _set_variant("s7")
-  for _ in range(args.repeats):
-    for v in variants:
-      r = runs[v]
-      w, c = time.perf_counter(), time.process_time()
-      r[1], m = r[0](r[1], r[2])
-      jax.block_until_ready(m)
-      r[3].append(time.perf_counter() - w)
-      r[4].append(time.process_time() - c)
-  base = None
-  for v in variants:
-    wall, cpu = statistics.median(runs[v][3]), statistics.median(runs[v][4])
-    base = base or (wall, cpu)
-    print(f"{args.model} {args.height}x{args.width} b{args.batch} {v}: step wall {wall * 1e3:.0f} ms "
-          f"(cpu {cpu * 1e3:.0f} ms); speed-up vs {variants[0]}: wall {base[0] / wall:.2f}x, cpu {base[1] / cpu:.2f}x",
-          flush=True)
+  time_alternated(runs, args.repeats, f"{args.model} {args.height}x{args.width} b{args.batch}", args.batch)
   print(f"load average {os.getloadavg()[0]:.2f}")
   return 0
 

@@ -102,24 +102,32 @@ def main(argv: list[str] | None = None) -> int:
     compiled, state, batch, compile_s = build(args.model, args.height, args.width, args.batch, v, args.dtype)
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
-    runs[v] = [compiled, state, batch, compile_s, [], []]
+    runs[v] = [compiled, state, batch]
     print(f"{v}: compile {compile_s:.1f} s", flush=True)
-  for _ in range(args.repeats):
-    for v in variants:
-      r = runs[v]
+  time_alternated(runs, args.repeats, f"{args.model} {args.height}x{args.width} b{args.batch}", args.batch)
+  return 0
+
+
+def time_alternated(runs: dict[str, list], repeats: int, label: str, batch: int) -> dict[str, tuple[float, float]]:
+  """Runs each variant's step (runs[v] = [compiled, state, batch]; the state is replaced by each step's output)
+  `repeats` times, alternating the variants, and prints the median wall and CPU time per step of each and its
+  speed-up over the first. Returns {variant: (median wall s, median CPU s)}."""
+  times = {v: ([], []) for v in runs}
+  for _ in range(repeats):
+    for v, r in runs.items():
       w, c = time.perf_counter(), time.process_time()
       r[1], m = r[0](r[1], r[2])
       jax.block_until_ready(m)
-      r[4].append(time.perf_counter() - w)
-      r[5].append(time.process_time() - c)
-  base = None
-  for v in variants:
-    wall, cpu = statistics.median(runs[v][4]), statistics.median(runs[v][5])
+      times[v][0].append(time.perf_counter() - w)
+      times[v][1].append(time.process_time() - c)
+  out, base, first = {}, None, next(iter(runs))
+  for v in runs:
+    wall, cpu = statistics.median(times[v][0]), statistics.median(times[v][1])
     base = base or (wall, cpu)
-    print(f"{args.model} {args.height}x{args.width} b{args.batch} {v:7s}: step wall {wall * 1e3:.0f} ms "
-          f"(cpu {cpu * 1e3:.0f} ms), {args.batch / wall:.2f} pairs/s; speed-up vs {variants[0]}: "
-          f"wall {base[0] / wall:.2f}x, cpu {base[1] / cpu:.2f}x", flush=True)
-  return 0
+    out[v] = (wall, cpu)
+    print(f"{label} {v:7s}: step wall {wall * 1e3:.0f} ms (cpu {cpu * 1e3:.0f} ms), {batch / wall:.2f} pairs/s; "
+          f"speed-up vs {first}: wall {base[0] / wall:.2f}x, cpu {base[1] / cpu:.2f}x", flush=True)
+  return out
 
 
 if __name__ == "__main__":
