@@ -28,17 +28,17 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 import time
 import warnings
 from typing import Any, Callable
 
 import tensorflow as tf
 
+from jaxflow import exec_cache
+
 FORMAT = 1
 SUFFIX = ".tfgraph"
 MAX_ENTRIES = 8
-_TMP_PREFIX = ".tmp-"
 _LOG = logging.getLogger(__name__)
 _SOURCE_DIGEST: str | None = None
 
@@ -97,27 +97,14 @@ def _read(path: str) -> tuple[dict[str, tf.TensorSpec], bytes]:
 def _write(path: str, spec: dict[str, list], graph: bytes) -> None:
   header = json.dumps({"format": FORMAT, "spec": spec, "size": len(graph),
                        "sha256": hashlib.sha256(graph).hexdigest()}, sort_keys=True).encode() + b"\n"
-  directory = os.path.dirname(path)
-  fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(header)
-      f.write(graph)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
+  exec_cache.write_atomic(path, header + graph)
 
 
 def _evict(directory: str, keep: int) -> None:
   """Deletes all but the `keep` most recently used entries, and temporary files older than an hour."""
   entries = []
-  for p in glob.glob(os.path.join(directory, "*" + SUFFIX)) + glob.glob(os.path.join(directory, _TMP_PREFIX + "*")):
+  temps = glob.glob(os.path.join(directory, exec_cache.TEMP_PREFIX + "*"))  # left by interrupted writes
+  for p in glob.glob(os.path.join(directory, "*" + SUFFIX)) + temps:
     try:
       entries.append((os.stat(p).st_mtime, p))
     except OSError:
@@ -181,7 +168,6 @@ def load_or_build(build: Callable[[], tf.data.Dataset], key_parts: dict[str, Any
     _LOG.info("graph_cache: dataset graph not serialisable (%s); not cached", e)
     return ds
   try:
-    os.makedirs(cache_dir, exist_ok=True)
     _write(path, spec, graph)
     _evict(cache_dir, max_entries)
   except OSError as e:
