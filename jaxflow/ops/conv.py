@@ -454,8 +454,8 @@ def _cpu_conv(x: jax.Array, w: jax.Array, strides, padding, dilation) -> jax.Arr
 def _cpu_input_grad(g: jax.Array, w: jax.Array, x_shape, x_dtype, strides, padding, dilation) -> jax.Array:
   """Gradient with respect to x (shape x_shape) of sum(g * conv(x, w)): Winograd for the rotated kernel where
   `use_winograd` takes that (C_out -> C_in) convolution, XLA's transposed convolution otherwise."""
-  if use_winograd(g.shape, (3, 3, w.shape[3], w.shape[2]), strides, padding, dilation,
-                  jnp.result_type(g.dtype, w.dtype)) and tuple(w.shape[:2]) == (3, 3):
+  if use_winograd(g.shape, (*w.shape[:2], w.shape[3], w.shape[2]), strides, padding, dilation,
+                  jnp.result_type(g.dtype, w.dtype)):
     return winograd.conv3x3_same_input_grad(g, w).astype(x_dtype)
   (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, strides, padding, dilation),
                                jax.ShapeDtypeStruct(x_shape, x_dtype))(g)
