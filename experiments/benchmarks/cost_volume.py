@@ -9,6 +9,8 @@ stride 2 -> 441 channels).
 Variants (all compute the same cost volume, float32):
   jaxflow      jaxflow.ops.correlation (impl 'tiled'): T x T tiles x (T+2d)^2 windows as matmuls, custom VJP;
                on CPU the band is read off / written into the blocks by gathers (impl 'tiled_gather')
+  s7           jaxflow.ops.correlation as at the end of session 7 (switched while traced: the backward's 1/C scale
+               on the K*K-channel cotangent instead of on the per-image features)
   tiled_s6     the same with the pad/reshape skews (impl 'tiled_reshape': CPU's default until session 6,
                accelerators' default)
   scan         jaxflow.ops.correlation(impl='scan'): scan over the K*K displacements, custom VJP accumulating
@@ -28,6 +30,8 @@ K*K*C*H*W*B*4 bytes that a materialised intermediate would take.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import re
 import time
@@ -105,6 +109,7 @@ def corr_dense(f1, f2, md, s):
 
 VARIANTS: dict[str, Callable] = {
     "jaxflow": correlation,
+    "s7": correlation,  # traced under _session7_switches (see SETUPS)
     "tiled_s6": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="tiled_reshape"),
     "scan": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="scan"),
     "scan_ad": corr_scan_ad,
@@ -113,6 +118,25 @@ VARIANTS: dict[str, Callable] = {
     "band_mm": corr_band_mm,
     "dense": corr_dense,
 }
+
+
+@contextlib.contextmanager
+def _session7_switches():
+  """Traces jaxflow.ops.correlation as it was at the end of session 7 (the backward's 1/C scale on the
+  cotangent), for an A/B in one process; caches are cleared so that the inner jit is retraced."""
+  corr_mod = importlib.import_module("jaxflow.ops.correlation")
+  saved = corr_mod._BWD_SCALE_FEATURES
+  corr_mod._BWD_SCALE_FEATURES = False
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    corr_mod._BWD_SCALE_FEATURES = saved
+    jax.clear_caches()
+
+
+# Variants whose code is switched while they are traced and compiled.
+SETUPS: dict[str, Callable] = {"s7": _session7_switches}
 
 
 def fwd_bwd(fn: Callable, md: int, s: int) -> Callable:
@@ -161,9 +185,10 @@ def run_case(name: str, shape: tuple[int, int, int, int], md: int, s: int, varia
   compiled_fns, stats = {}, {}
   for v in variants:
     f = fwd_bwd(VARIANTS[v], md, s)
-    t0, c0 = time.perf_counter(), time.process_time()
-    compiled = f.lower(f1, f2, g).compile()
-    t_compile, cpu_compile = time.perf_counter() - t0, time.process_time() - c0
+    with SETUPS.get(v, contextlib.nullcontext)():
+      t0, c0 = time.perf_counter(), time.process_time()
+      compiled = f.lower(f1, f2, g).compile()
+      t_compile, cpu_compile = time.perf_counter() - t0, time.process_time() - c0
     mem = compiled.memory_analysis()
     kernels = _kernel_count(compiled.as_text())
     stats[v] = (t_compile, cpu_compile, mem, kernels)

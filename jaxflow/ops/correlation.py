@@ -300,9 +300,15 @@ def _correlation_tiled_bwd(n, t, skew, residuals, g):
   f1, f2 = residuals
   c = f1.shape[-1]
   acc = _acc_dtype(f1, f2, g)
-  g = g.astype(acc) * (1.0 / c)
-  d1, d2 = lax.map(lambda xs: _backward_tiled_one(xs[0], xs[1], xs[2], n, t),
-                   (f1.astype(acc), f2.astype(acc), g))
+  if _BWD_SCALE_FEATURES:
+    # The 1/C scale rides on the per-image feature tiles and windows (fused into their copies) instead of a
+    # separate pass over the K*K-channel cotangent: both products are linear in the features.
+    g = g.astype(acc)
+    body = lambda xs: _backward_tiled_one(xs[0] * (1.0 / c), xs[1] * (1.0 / c), xs[2], n, t)
+  else:
+    g = g.astype(acc) * (1.0 / c)
+    body = lambda xs: _backward_tiled_one(xs[0], xs[1], xs[2], n, t)
+  d1, d2 = lax.map(body, (f1.astype(acc), f2.astype(acc), g))
   return d1.astype(f1.dtype), d2.astype(f2.dtype)
 
 
@@ -338,6 +344,10 @@ def _correlation_any(f1: jax.Array, f2: jax.Array, n: int, s: int, impl: str) ->
     impl = _CPU_TILED if jax.default_backend() == "cpu" else "tiled_reshape"
   return _by_phases(f1, f2, n, s, "gather" if impl == "tiled_gather" else "reshape")
 
+
+# Session 8: the backward's 1/C scale applied to the features inside the per-image loop (True) or to the
+# cotangent before it (False, session 7); a switch for the benchmark's A/B (then jax.clear_caches()).
+_BWD_SCALE_FEATURES = True
 
 # What 'tiled' means on CPU; benchmarks set 'tiled_reshape' (session 6's path) for A/B runs, then call
 # jax.clear_caches() so that traced programs pick the change up.
