@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--run", action="store_true")
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--field", action="append", default=[], help="model field override name=value")
+  p.add_argument("--impl", default="auto", help="step_ab.build variant, e.g. 'matmul-s6' (no Winograd)")
   args = p.parse_args(argv)
   from experiments.benchmarks.step_ab import build
   overrides = {}
@@ -46,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
       except ValueError:
         pass
     overrides[k] = v
-  compiled, state, batch, compile_s = build(args.model, args.height, args.width, args.batch, "auto",
+  compiled, state, batch, compile_s = build(args.model, args.height, args.width, args.batch, args.impl,
                                             model_overrides=overrides)
   m = compiled.memory_analysis()
   mib = lambda x: x / 2**20
   live = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-  print(f"{args.model} {args.height}x{args.width} b{args.batch} {overrides or ''}: compile {compile_s:.1f} s; "
+  print(f"{args.model} {args.height}x{args.width} b{args.batch} {args.impl} {overrides or ''}: compile {compile_s:.1f} s; "
         f"args {mib(m.argument_size_in_bytes):.0f} MiB, outputs {mib(m.output_size_in_bytes):.0f}, "
         f"alias {mib(m.alias_size_in_bytes):.0f}, temp {mib(m.temp_size_in_bytes):.0f}; "
         f"live estimate {mib(live):.0f} MiB", flush=True)

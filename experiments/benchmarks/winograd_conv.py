@@ -5,7 +5,8 @@ r"""Winograd F(4x4, 3x3) against XLA's convolution at PWC-Net's stride-1 3x3 sha
 Shapes are 'HxW:Cin->Cout'. Per shape and pass ('fwd': x (Cin) -> y (Cout); 'dx': g (Cout) -> dx (Cin)) the
 variants are alternated within each repeat (robust to a shared machine's load) and it prints the median wall ms
 and process CPU ms of XLA's ('xla') and of jaxflow.ops.winograd ('w1': its default, 'wf': the 'fused' transforms), the
-ratio xla / w1 by CPU time and the error max |w - xla| / max |xla|.
+ratio xla / w1 by CPU time and the error max |w - xla| / max |xla|; 'wm' is w1 with session 7's loop (the
+padded batch, lax.map and a crop of its stacked output).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def _fused(f, *args):
     winograd._TRANSFORMS = old
 
 
+def _map_loop(f, *args):
+  """f traced with session 7's loop (winograd._LOOP 'map': padded batch, lax.map, crop) instead of the default."""
+  old, winograd._LOOP = winograd._LOOP, "map"
+  try:
+    return f(*args)
+  finally:
+    winograd._LOOP = old
+
+
 def bench(batch: int, h: int, w: int, cin: int, cout: int, repeats: int) -> None:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, h, w, cin), np.float32))
@@ -51,9 +61,11 @@ def bench(batch: int, h: int, w: int, cin: int, cout: int, repeats: int) -> None
   dx_lax = lambda g, k: jax.linear_transpose(lambda x_: _lax(x_, k), jax.ShapeDtypeStruct(x.shape, x.dtype))(g)[0]
   passes = {
       "fwd": ((x, k), {"xla": _lax, "w1": lambda x, k: winograd.conv3x3_same(x, k, 1),
-                       "wf": lambda x, k: _fused(winograd.conv3x3_same, x, k)}),
+                       "wf": lambda x, k: _fused(winograd.conv3x3_same, x, k),
+                       "wm": lambda x, k: _map_loop(winograd.conv3x3_same, x, k)}),
       "dx": ((g, k), {"xla": dx_lax, "w1": lambda g, k: winograd.conv3x3_same_input_grad(g, k, 1),
-                      "wf": lambda g, k: _fused(winograd.conv3x3_same_input_grad, g, k)}),
+                      "wf": lambda g, k: _fused(winograd.conv3x3_same_input_grad, g, k),
+                      "wm": lambda g, k: _map_loop(winograd.conv3x3_same_input_grad, g, k)}),
   }
   gflop = 2 * batch * h * w * cin * cout * 9 / 1e9
   for name, (args, fns) in passes.items():
@@ -71,7 +83,7 @@ def bench(batch: int, h: int, w: int, cin: int, cout: int, repeats: int) -> None
            for v, ts in times.items()}
     cols = "  ".join(f"{v} {m[0]:6.0f} ms {m[1]:6.0f} cpu-ms (err {err[v]:.1e})" for v, m in med.items())
     print(f"b{batch} {h}x{w} {cin}->{cout} {name} {gflop:5.1f} GFLOP  {cols}  xla/w1 cpu {med['xla'][1] / med['w1'][1]:.2f}"
-          f" wall {med['xla'][0] / med['w1'][0]:.2f}", flush=True)
+          f" wall {med['xla'][0] / med['w1'][0]:.2f}; wm/w1 cpu {med['wm'][1] / med['w1'][1]:.2f}", flush=True)
 
 
 def main() -> None:

@@ -99,13 +99,59 @@ def _tiles_matmul(xp: jax.Array, u: jax.Array, th: int, tw: int) -> jax.Array:
   return y.reshape(g, 4 * th, 4 * tw, cout)
 
 
+# How the images are looped over. 'write' (default): a fori_loop whose carry is the result; each step gathers its
+# images' windows straight from x (zeros for the padding by an out-of-range index, no padded copy of the batch)
+# and writes its cropped output into the result in place, and the result's buffer and the kernel transform are
+# computed from an element of x. 'map' (session 7, kept for benchmarks): the whole batch padded, a lax.map and
+# the [:h, :w] crop of its stacked output.
+# Why: XLA's scheduler may place an operation that reads no activation anywhere in the program. The zero-filled
+# buffer that lax.map's stacked output starts from, and the kernel transform (read from the parameters only),
+# were computed early in the forward pass: in the PWC-Net step at 192x256 b4 the input gradients' result buffers
+# of the context conv0 and the level-2 estimator conv1-conv3 (565 / 469 / 373 / 245 channels, 81 MiB together)
+# were alive from the start of the forward pass to their backward loops, and at the peak the padded batch of
+# the context conv0's input was there twice (a layout copy of the (N, 1, ...) reshape).
+_LOOP = "write"
+
+
+def _window_index(h: int, w: int, th: int, tw: int) -> np.ndarray:
+  """(36 * th * tw,) int32 flat positions in an (h, w) image of each tile's 6x6 window, entry (r, c) of tile
+  (i, j) at ((6 * r + c) * th + i) * tw + j; positions in the 1-pixel zero border (or beyond the image, for sizes
+  not a multiple of 4) get the out-of-range index h * w, which the gather fills with zero."""
+  r, c, i, j = np.meshgrid(np.arange(6), np.arange(6), np.arange(th), np.arange(tw), indexing="ij")
+  y, x = 4 * i + r - 1, 4 * j + c - 1
+  inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+  return np.where(inside, y * w + x, h * w).reshape(-1).astype(np.int32)
+
+
+def _zero_after(a: jax.Array) -> jax.Array:
+  """A float32 scalar 0.0 computed from a's first element (0 for any value, NaN included): a data dependency that
+  keeps XLA's scheduler from computing what uses it before a exists."""
+  s = lax.slice(a, (0,) * a.ndim, (1,) * a.ndim).reshape(())
+  return (s != s).astype(jnp.float32) * np.float32(0)
+
+
+def _tiles_gather(xi: jax.Array, u: jax.Array, idx: np.ndarray, th: int, tw: int) -> jax.Array:
+  """`_tiles_matmul` reading the windows from the unpadded images xi (g, H, W, C_in) through `_window_index`'s
+  idx: (g, 4*th, 4*tw, C_out)."""
+  g, h, w, cin = xi.shape
+  cout = u.shape[-1]
+  p = jnp.take(xi.reshape(g, h * w, cin), idx, axis=1, mode="fill", fill_value=0).reshape(g, 36, th * tw * cin)
+  p = jnp.swapaxes(p, 0, 1).reshape(36, g * th * tw * cin)
+  v = jnp.dot(jnp.asarray(np.kron(_BT, _BT), jnp.float32), p).reshape(36, g * th * tw, cin)
+  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)  # (36, n, O)
+  y = jnp.dot(jnp.asarray(np.kron(_AT, _AT), jnp.float32), m.reshape(36, g * th * tw * cout))  # (16, n * O)
+  y = jnp.transpose(y.reshape(4, 4, g, th, tw, cout), (2, 3, 0, 4, 1, 5))  # (g, th, 4, tw, 4, O)
+  return y.reshape(g, 4 * th, 4 * tw, cout)
+
+
 def conv3x3_same(x: jax.Array, w: jax.Array, images_per_step: int = 1) -> jax.Array:
   """Stride-1 3x3 cross-correlation with zero padding 1 on every side, by Winograd F(4x4, 3x3).
 
   Same values as `lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))` (NHWC / HWIO) up to float32
   rounding (see the module docstring). x (N, H, W, C_in) float32, any H, W >= 1; w (3, 3, C_in, C_out) float32.
   Returns (N, H, W, C_out) float32. `images_per_step` images are transformed and multiplied at a time (a
-  divisor of N is used: the largest one not above it).
+  divisor of N is used: the largest one not above it). Temporaries: one step's gathered windows, products and
+  output (per image: 2.25x its input, 2.25x and 1x its output); nothing batch-sized besides the result.
   """
   if x.ndim != 4 or w.shape[:2] != (3, 3) or w.ndim != 4 or x.shape[-1] != w.shape[2]:
     raise ValueError(f"winograd.conv3x3_same: expected x (N, H, W, C_in) and w (3, 3, C_in, C_out), got shapes "
@@ -115,9 +161,30 @@ def conv3x3_same(x: jax.Array, w: jax.Array, images_per_step: int = 1) -> jax.Ar
   n, h, wd, _ = x.shape
   cout = w.shape[3]
   th, tw = -(-h // 4), -(-wd // 4)
+  per = max(d for d in range(1, max(1, min(n, images_per_step)) + 1) if n % d == 0)
+  if _LOOP == "map" or _TRANSFORMS != "matmul":
+    return _conv3x3_same_map(x, w, per)
+  zero = _zero_after(x)
+  u = kernel_transform(w + zero)
+  idx = _window_index(h, wd, th, tw)
+  step = lambda xi: _tiles_gather(xi, u, idx, th, tw)[:, :h, :wd]
+  if per == n:
+    return step(x)
+
+  def body(i, out):
+    xi = lax.dynamic_slice_in_dim(x, i * per, per, axis=0)
+    return lax.dynamic_update_slice_in_dim(out, step(xi), i * per, axis=0)
+
+  return lax.fori_loop(0, n // per, body, jnp.broadcast_to(zero, (n, h, wd, cout)))
+
+
+def _conv3x3_same_map(x: jax.Array, w: jax.Array, per: int) -> jax.Array:
+  """Session 7's loop (`_LOOP` 'map', and the 'fused' transforms): the padded batch, lax.map, crop."""
+  n, h, wd, _ = x.shape
+  cout = w.shape[3]
+  th, tw = -(-h // 4), -(-wd // 4)
   xp = jnp.pad(x, ((0, 0), (1, 4 * th + 1 - h), (1, 4 * tw + 1 - wd), (0, 0)))
   u = kernel_transform(w)
-  per = max(d for d in range(1, max(1, min(n, images_per_step)) + 1) if n % d == 0)
   tiles = _tiles_matmul if _TRANSFORMS == "matmul" else _tiles
   if per == n:
     y = tiles(xp, u, th, tw)
