@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxflow.ops import winograd
+from jaxflow.ops import winograd, winograd_wgrad
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _IMPLS = ("auto", "lax", "matmul")
@@ -120,7 +120,8 @@ def weight_grad_matmul(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], 
       1 only: the taps' shifted gradients side by side, one product; for few output channels), 'blocked'
       (stride 1 only: 'concat' over cache-sized blocks of image rows, accumulated by a scan) or 'split'
       (stride 1 only: blocks as 'blocked', the input shifted along columns and the gradient along rows;
-      `_weight_grad_split`).
+      `_weight_grad_split`) or 'winograd' (3x3, stride 1, dilation 1, padding 1 only: Winograd F(4x4, 3x3),
+      `jaxflow.ops.winograd_wgrad.weight_grad`).
   Returns:
     (kh, kw, C_in, C_out) float32 (float64 for float64 inputs).
   """
@@ -151,6 +152,12 @@ def weight_grad_matmul(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], 
     gp = lax.dynamic_update_slice(jnp.zeros((n, gy, gx, cout), g.dtype), g, (0, oy, ox, 0))
     return jnp.matmul(ph, gp.reshape(big_l, cout), preferred_element_type=acc)
 
+  if mode == "winograd":
+    if not _winograd_wgrad_geometry(kernel_shape, strides, padding, dilation):
+      raise ValueError(f"conv: mode 'winograd' needs a 3x3 kernel, stride 1, dilation 1 and padding 1, got kernel "
+                       f"{tuple(kernel_shape)}, strides {tuple(strides)}, dilation {tuple(dilation)}, padding "
+                       f"{tuple(map(tuple, padding))}")
+    return winograd_wgrad.weight_grad(x, g)
   if (sy, sx) == (1, 1) and mode in ("scan", "concat", "blocked", "split"):
     return _weight_grad_stride1(x, g, kernel_shape, padding, dilation, mode, acc)
   if mode in ("concat", "blocked", "split"):
@@ -484,8 +491,30 @@ _SPLIT = True
 _GATHER_TAPS = True
 
 
+# Whether float32 3x3 'same' stride-1 weight gradients may run by Winograd F(4x4, 3x3) (jaxflow.ops.winograd_wgrad;
+# benchmarks set False to compare with 'blocked'), where the output has at least _WINOGRAD_WGRAD_MIN_COUT channels,
+# the input at least _WINOGRAD_WGRAD_MIN_CIN and each image _WINOGRAD_WGRAD_MIN_POSITIONS positions.
+# experiments/benchmarks/winograd_wgrad.py, b8, CPU time blocked / Winograd (load 5-9): 96x128 117->128 1.22,
+# 245->128 1.28, 373->96 1.12, 565->128 1.39; 48x64 117->128 1.38, 245->128 1.31, 373->96 1.23; but 96x128 469->64
+# 0.81, 533->32 0.50, 48x64 469->64 0.72: the input's transform (36 x 36 per 6x6 window, 2.25x the input) is
+# paid per input channel and the products' saving per output channel, so few output channels lose.
+_WINOGRAD_WGRAD = True
+_WINOGRAD_WGRAD_MIN_COUT = 96
+_WINOGRAD_WGRAD_MIN_CIN = 64
+_WINOGRAD_WGRAD_MIN_POSITIONS = 2048
+
+
+def _winograd_wgrad_geometry(kernel_shape: Sequence[int], strides: Sequence[int],
+                             padding: Sequence[tuple[int, int]], dilation: Sequence[int]) -> bool:
+  """Whether a convolution is one `jaxflow.ops.winograd_wgrad` computes: 3x3, stride 1, dilation 1, padding 1."""
+  return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1) and tuple(dilation) == (1, 1)
+          and tuple(map(tuple, padding)) == ((1, 1), (1, 1)))
+
+
 def weight_grad_mode(cin: int, cout: int, strides: Sequence[int], positions: int | None = None,
-                     kernel: Sequence[int] = (3, 3)) -> str:
+                     kernel: Sequence[int] = (3, 3), *, padding: Sequence[tuple[int, int]] | None = None,
+                     dilation: Sequence[int] = (1, 1), image_positions: int | None = None,
+                     dtype=None) -> str:
   """How `conv2d` computes a weight gradient on CPU (kernel = (kh, kw)), from measurements (conv_grad.py --cpu).
 
   Kernels larger than 3x3 at stride 1 (SpyNet's 7x7): 'split' (7x7 32 -> 64 at 128x128 b4: 221 CPU-ms against
@@ -497,7 +526,12 @@ def weight_grad_mode(cin: int, cout: int, strides: Sequence[int], positions: int
   1.2-2.2x faster than the per-tap 'scan', e.g. 469 -> 64 at 48x64 b4 94 vs 162 CPU-ms) and 'scan' at larger
   strides (the pyramid's first convolution of each level). 'split' is not taken for 3x3 kernels: at PWC-Net's
   shapes it was within 10 % of 'blocked' (117 -> 128 at 48x64 b4 56 vs 64 CPU-ms, 373 -> 96 130 vs 127) and
-  PWC-Net's 128x128 b4 step with it 0.99x by CPU time (step_ab, load ~5)."""
+  PWC-Net's 128x128 b4 step with it 0.99x by CPU time (step_ab, load ~5).
+
+  'winograd' (F(4x4, 3x3), `jaxflow.ops.winograd_wgrad`) instead of 'blocked' when padding, dtype and
+  image_positions (H * W per image) are given and the convolution is a float32 3x3 stride-1 undilated 'same' one
+  with enough channels and positions (_WINOGRAD_WGRAD_MIN_*: PWC-Net's estimator conv0-conv2 and context conv0
+  at its fine levels, FlowNet's conv3_1; 1.1-1.4x less CPU time than 'blocked' there)."""
   stride1 = tuple(strides) == (1, 1)
   kh, kw = kernel
   if stride1 and _SPLIT and kh * kw > 9:
@@ -508,6 +542,11 @@ def weight_grad_mode(cin: int, cout: int, strides: Sequence[int], positions: int
     return "lax"
   if not stride1:
     return "scan"
+  if (_WINOGRAD_WGRAD and padding is not None and dtype is not None and jnp.dtype(dtype) == jnp.float32
+      and image_positions is not None and _winograd_wgrad_geometry(kernel, strides, padding, dilation)
+      and cout >= _WINOGRAD_WGRAD_MIN_COUT and cin >= _WINOGRAD_WGRAD_MIN_CIN
+      and image_positions >= _WINOGRAD_WGRAD_MIN_POSITIONS):
+    return "winograd"
   return _STRIDE1_MODE
 
 
@@ -515,7 +554,9 @@ def _conv_bwd(strides, padding, dilation, res, g):
   x, w = res
   # The input gradient is XLA's transposed convolution (near matmul speed on CPU) or Winograd's.
   dx = _cpu_input_grad(g, w, x.shape, x.dtype, strides, padding, dilation)
-  mode = weight_grad_mode(w.shape[2], w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2], w.shape[:2])
+  mode = weight_grad_mode(w.shape[2], w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2], w.shape[:2],
+                          padding=padding, dilation=dilation, image_positions=g.shape[1] * g.shape[2],
+                          dtype=jnp.result_type(x.dtype, g.dtype))
   if mode == "lax":
     (dw,) = jax.linear_transpose(lambda w_: _lax_conv(x, w_, strides, padding, dilation),
                                  jax.ShapeDtypeStruct(w.shape, w.dtype))(g)
@@ -612,8 +653,12 @@ def _concat_bwd(strides, padding, dilation, res, g):
   for x in xs:
     bounds.append(bounds[-1] + x.shape[-1])
   dxs = tuple(lax.slice_in_dim(dx, a, b, axis=3) for a, b in zip(bounds[:-1], bounds[1:]))
-  mode = weight_grad_mode(cin, w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2], w.shape[:2])
-  if tuple(strides) == (1, 1) and mode in ("blocked", "concat", "split"):
+  mode = weight_grad_mode(cin, w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2], w.shape[:2],
+                          padding=padding, dilation=dilation, image_positions=g.shape[1] * g.shape[2],
+                          dtype=jnp.result_type(xs[0].dtype, g.dtype))
+  if mode == "winograd":  # the parts are concatenated per image inside its loop
+    dw = winograd_wgrad.weight_grad(xs, g)
+  elif tuple(strides) == (1, 1) and mode in ("blocked", "concat", "split"):
     # The weight gradient reads the parts where they are: no concatenation is rebuilt in the backward pass
     # (one would be a value XLA may schedule, and keep alive, long before it is needed).
     acc = jnp.result_type(jnp.float32, xs[0].dtype, g.dtype)
