@@ -324,3 +324,41 @@ def test_gather_path_bfloat16_inputs():
   for a, r in zip(loss("tiled_gather")(b1, b2), loss("tiled_reshape")(b1, b2)):
     assert a.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(r.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("shape,md,stride,exact", [
+    ((2, 13, 19, 32), 4, 1, True),     # power-of-two C: scaling the features by 1/C is exact, so the same bits
+    ((1, 11, 9, 96), 4, 1, False),     # C = 96: 1/C rounds, so equal to float32 rounding
+    ((2, 20, 18, 16), 20, 2, True),    # FlowNetC's window and stride (pixel phases)
+])
+def test_backward_scale_on_features_matches_scale_on_cotangent(monkeypatch, shape, md, stride, exact):
+  # Session 8 moved the backward's 1/C from the (B, H, W, K*K) cotangent onto the per-image features inside the
+  # loop; both placements give the same gradients (bitwise when 1/C is a power of two), and the numpy adjoint.
+  mod = sys.modules["jaxflow.ops.correlation"]
+  f1, f2 = _features(shape, 51 + shape[-1])
+  k = 2 * (md // stride) + 1
+  g = np.random.default_rng(52).normal(size=shape[:3] + (k * k,)).astype(np.float32)
+  grads = {}
+  for on_features in (True, False):
+    monkeypatch.setattr(mod, "_BWD_SCALE_FEATURES", on_features)
+    jax.clear_caches()
+    vjp = jax.jit(lambda a, b: jax.vjp(lambda x, y: correlation(x, y, md, stride), a, b)[1](g))
+    grads[on_features] = [np.asarray(x) for x in vjp(f1, f2)]
+  jax.clear_caches()
+  for a, r in zip(grads[True], grads[False]):
+    if exact:
+      np.testing.assert_array_equal(a, r)
+    else:
+      np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
+  b, h, w, c = shape
+  n = md // stride
+  f2p = np.pad(f2.astype(np.float64), ((0, 0), (md, md), (md, md), (0, 0)))
+  e1, e2p = np.zeros(shape), np.zeros(f2p.shape)
+  for i in range(k):
+    for j in range(k):
+      dy, dx = (i - n) * stride, (j - n) * stride
+      gk = g[..., i * k + j, None].astype(np.float64) / c
+      e1 += gk * f2p[:, md + dy:md + dy + h, md + dx:md + dx + w]
+      e2p[:, md + dy:md + dy + h, md + dx:md + dx + w] += gk * f1
+  np.testing.assert_allclose(grads[True][0], e1, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads[True][1], e2p[:, md:md + h, md:md + w], rtol=1e-4, atol=1e-5)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import os
 import re
@@ -109,7 +110,7 @@ def corr_dense(f1, f2, md, s):
 
 VARIANTS: dict[str, Callable] = {
     "jaxflow": correlation,
-    "s7": correlation,  # traced under _session7_switches (see SETUPS)
+    "s7": correlation,  # traced under module switches (see SETUPS)
     "tiled_s6": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="tiled_reshape"),
     "scan": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="scan"),
     "scan_ad": corr_scan_ad,
@@ -121,22 +122,27 @@ VARIANTS: dict[str, Callable] = {
 
 
 @contextlib.contextmanager
-def _session7_switches():
-  """Traces jaxflow.ops.correlation as it was at the end of session 7 (the backward's 1/C scale on the
-  cotangent), for an A/B in one process; caches are cleared so that the inner jit is retraced."""
+def _switches(**values):
+  """Sets jaxflow.ops.correlation's module switches (e.g. _BWD_SCALE_FEATURES=False) while a variant is traced and
+  compiled, for an A/B in one process; caches are cleared so that the inner jit is retraced."""
   corr_mod = importlib.import_module("jaxflow.ops.correlation")
-  saved = corr_mod._BWD_SCALE_FEATURES
-  corr_mod._BWD_SCALE_FEATURES = False
+  saved = {name: getattr(corr_mod, name) for name in values}
+  for name, value in values.items():
+    setattr(corr_mod, name, value)
   jax.clear_caches()
   try:
     yield
   finally:
-    corr_mod._BWD_SCALE_FEATURES = saved
+    for name, value in saved.items():
+      setattr(corr_mod, name, value)
     jax.clear_caches()
 
 
-# Variants whose code is switched while they are traced and compiled.
-SETUPS: dict[str, Callable] = {"s7": _session7_switches}
+# Variants whose code is switched while they are traced and compiled: 's7' is session 7's code (the
+# backward's 1/C scale on the cotangent).
+SETUPS: dict[str, Callable] = {
+    "s7": functools.partial(_switches, _BWD_SCALE_FEATURES=False),
+}
 
 
 def fwd_bwd(fn: Callable, md: int, s: int) -> Callable:
