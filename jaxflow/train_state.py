@@ -29,6 +29,15 @@ PRNG_IMPL = "rbg"
 
 
 def make_key(seed: int) -> jax.Array:
+  """The run's base key of `seed` (an 'rbg' key array, shape ()).
+
+  jax.random.key(seed) runs jax's seeding as a compiled program (its lookup or compile costs the start 0.05-0.2
+  s). For an int seed in [0, 2**31) the 'rbg' key data is known on the host: threefry's seed halves (0, seed),
+  twice, so the key is wrapped from them (the same key data, tested against jax.random.key); other seeds take
+  jax's path."""
+  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= int(seed) < 2 ** 31:
+    half = [0, int(seed)]
+    return jax.random.wrap_key_data(np.asarray(half + half, np.uint32), impl=PRNG_IMPL)
   return jax.random.key(seed, impl=PRNG_IMPL)
 
 
@@ -149,8 +158,8 @@ def _host_train_state(init_fn: InitFn, key: jax.Array, seed: int, sharding: jax.
     return (jnp.zeros((), jnp.int32), opt.init(params), jax.random.key_data(jax.random.split(key)[1]),
             jnp.full((), -1, jnp.int32))
 
-  shapes = jax.eval_shape(rest, key, params)
-  jitted = jax.jit(rest, out_shardings=jax.tree.map(lambda _: sharding, shapes))
+  # Every output leaf gets `sharding` (a prefix of the output tree), so the outputs need no abstract trace here.
+  jitted = jax.jit(rest, out_shardings=sharding)
   if use_cache:
     fn = exec_cache.CachedFunction(jitted, "init_state", cache_key_parts, exec_cache_dir, options,
                                    prefetched=pending)

@@ -257,3 +257,28 @@ def test_prefetched_host_draws_equal_the_state_drawn_in_place(tmp_path):
   out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "False None"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42, 2 ** 31 - 1, np.int32(7), np.int64(12345)])
+def test_make_key_equals_jax_seeding(seed):
+  # make_key builds the 'rbg' key data on the host for seeds in [0, 2**31): the same key (data, dtype, shape,
+  # placement) as jax.random.key's compiled seeding, so the run key and every draw from it are unchanged.
+  from jaxflow import exec_cache
+  ours, ref = make_key(seed), jax.random.key(int(seed), impl="rbg")
+  np.testing.assert_array_equal(np.asarray(jax.random.key_data(ours)), np.asarray(jax.random.key_data(ref)))
+  assert ours.dtype == ref.dtype and ours.shape == ref.shape and ours.committed == ref.committed
+  assert exec_cache.signature((ours,)) == exec_cache.signature((ref,))  # the same executable cache key
+  np.testing.assert_array_equal(np.asarray(jax.random.key_data(jax.random.split(ours))),
+                                np.asarray(jax.random.key_data(jax.random.split(ref))))
+
+
+def test_make_key_other_seeds_take_jax_seeding():
+  for seed in (-3, 2 ** 31):
+    try:
+      ref = jax.random.key(seed, impl="rbg")
+    except OverflowError:
+      with pytest.raises(OverflowError):
+        make_key(seed)
+      continue
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(make_key(seed))),
+                                  np.asarray(jax.random.key_data(ref)))
