@@ -199,3 +199,78 @@ def test_small_pwcnet_with_winograd_everywhere_matches_xla(monkeypatch):
   np.testing.assert_allclose(l_w, l_ref, rtol=1e-4)
   for a, b in zip(jax.tree.leaves(g_w), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, atol=1e-3 * float(np.max(np.abs(b))) + 1e-7)
+
+
+def test_window_index_reads_each_tiles_padded_window():
+  # Gathering the flat (h, w) image at _window_index (out-of-range -> 0) gives, for every tile, the 6x6 window of
+  # the image zero-padded by 1 (and up to a multiple of 4) at rows / columns 4i .. 4i + 5, 4j .. 4j + 5.
+  h, w = 7, 10
+  th, tw = 2, 3
+  img = np.arange(1, h * w + 1, dtype=np.float64).reshape(h, w)
+  idx = winograd._window_index(h, w, th, tw)
+  got = np.where(idx < h * w, np.r_[img.reshape(-1), 0.0][np.minimum(idx, h * w)], 0.0).reshape(6, 6, th, tw)
+  padded = np.zeros((4 * th + 2, 4 * tw + 2))
+  padded[1:h + 1, 1:w + 1] = img
+  for i in range(th):
+    for j in range(tw):
+      np.testing.assert_array_equal(got[:, :, i, j], padded[4 * i:4 * i + 6, 4 * j:4 * j + 6])
+
+
+def test_zero_after_is_exactly_zero_for_any_first_element():
+  for v in (1.5, -0.0, np.nan, np.inf, -np.inf):
+    z = jax.jit(winograd._zero_after)(jnp.full((2, 3), v, jnp.float32))
+    assert z.shape == () and z.dtype == jnp.float32 and float(z) == 0.0 and not np.signbit(float(z))
+
+
+@pytest.mark.parametrize("n,h,w,per", [(3, 9, 10, 1), (4, 8, 12, 2), (2, 5, 7, 2)])
+def test_write_loop_equals_session7_map_loop(n, h, w, per, monkeypatch):
+  # The in-place loop over images (gather from the unpadded input) and session 7's padded lax.map compute the same
+  # windows, products and transforms: the same values up to float32 rounding of a differently fused program.
+  x, k = _data(n, h, w, 12, 10, seed=8)
+  y = jax.jit(lambda x, k: winograd.conv3x3_same(x, k, per))(x, k)
+  monkeypatch.setattr(winograd, "_LOOP", "map")
+  y_map = jax.jit(lambda x, k: winograd.conv3x3_same(x, k, per))(x, k)
+  np.testing.assert_allclose(y, y_map, atol=1e-6 * float(np.max(np.abs(y_map))))
+  assert _rel(y, _ref64(x, k)) < TOL
+
+
+def test_splits_give_the_outputs_channel_ranges_in_their_own_arrays():
+  x, k = _data(2, 9, 6, 10, 12, seed=9)
+  g = np.random.default_rng(10).standard_normal((2, 9, 6, 12)).astype(np.float32)
+  y = jax.jit(winograd.conv3x3_same)(x, k)
+  ys = jax.jit(lambda x, k: winograd.conv3x3_same(x, k, splits=(5, 1, 6)))(x, k)
+  assert [a.shape for a in ys] == [(2, 9, 6, 5), (2, 9, 6, 1), (2, 9, 6, 6)]
+  np.testing.assert_array_equal(np.concatenate(ys, -1), y)
+  dx = winograd.conv3x3_same_input_grad(g, k)
+  dxs = winograd.conv3x3_same_input_grad(g, k, splits=[3, 7])
+  np.testing.assert_array_equal(np.concatenate(dxs, -1), dx)
+  assert _rel(dx, _ref64(g, np.transpose(k[::-1, ::-1], (0, 1, 3, 2)))) < TOL
+  with pytest.raises(ValueError, match=r"splits \(5, 5\) .* C_out 12"):
+    winograd.conv3x3_same(x, k, splits=(5, 5))
+  with pytest.raises(ValueError, match="positive"):
+    winograd.conv3x3_same(x, k, splits=(12, 0))
+
+
+@pytest.mark.parametrize("winograd_path", [False, True])
+def test_concat_input_gradient_per_part_matches_lax(winograd_path, monkeypatch):
+  # Above _SPLIT_DX_MIN_BYTES (forced to 0) each part's input gradient is its own product (XLA: one transposed
+  # convolution per part; Winograd: its loop writes each part), equal to lax's gradient of the concatenation.
+  if winograd_path:
+    _force_winograd(monkeypatch)
+  monkeypatch.setattr(conv_ops, "_SPLIT_DX_MIN_BYTES", 0)
+  rng = np.random.default_rng(11)
+  parts = [rng.standard_normal((2, 8, 9, c)).astype(np.float32) for c in (6, 2, 9)]
+  k = (rng.standard_normal((3, 3, 17, 12)) / np.sqrt(153)).astype(np.float32)
+  same = ((1, 1), (1, 1))
+  ours = lambda ps, k: conv_ops.conv2d_concat(ps, k, (1, 1), same, impl="matmul")
+  ref = lambda ps, k: _lax(jnp.concatenate(ps, -1), k)
+  g = rng.standard_normal((2, 8, 9, 12)).astype(np.float32)
+  (dps, _), (dps_ref, _) = jax.vjp(ours, parts, k)[1](g), jax.vjp(ref, parts, k)[1](g)
+  for a, b in zip(dps, dps_ref):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, atol=TOL * float(np.max(np.abs(b))))
+  if not winograd_path:  # one transposed convolution per part instead of one of the whole: 2 more
+    count = lambda: str(jax.make_jaxpr(jax.vjp(ours, parts, k)[1])(g)).count("conv_general_dilated")
+    per_part = count()
+    monkeypatch.setattr(conv_ops, "_SPLIT_DX_MIN_BYTES", 2**62)
+    assert per_part == count() + 2

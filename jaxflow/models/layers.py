@@ -8,6 +8,7 @@ swapped in at one place: on CPU, `conv` computes its weight gradient as dense ma
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -23,7 +24,36 @@ kaiming = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def leaky_relu(x: jax.Array, slope: float = 0.1) -> jax.Array:
+  """max-style LeakyReLU: x where x >= 0, slope * x elsewhere; same shape and dtype as x.
+
+  For slope > 0 the gradient is taken from the output (`_leaky_relu_out`): y >= 0 exactly where x >= 0, so the
+  backward pass keeps y, which the next layer keeps anyway as its input, instead of x (autodiff of the `where`
+  kept every pre-activation alive until the backward pass). Same values and gradients."""
+  if _LEAKY_FROM_OUTPUT and isinstance(slope, (int, float)) and slope > 0:
+    return _leaky_relu_out(x, float(slope))
   return jnp.where(x >= 0, x, slope * x)
+
+
+# False: autodiff of the plain `where` (session 7; benchmarks set it to compare, read at trace time).
+_LEAKY_FROM_OUTPUT = True
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _leaky_relu_out(x: jax.Array, slope: float) -> jax.Array:
+  return jnp.where(x >= 0, x, slope * x)
+
+
+def _leaky_relu_out_fwd(x: jax.Array, slope: float) -> tuple[jax.Array, jax.Array]:
+  y = jnp.where(x >= 0, x, slope * x)
+  return y, y
+
+
+def _leaky_relu_out_bwd(slope: float, y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  # slope > 0: sign(y) = sign(x), and y = x for x = +-0 (>= 0) and NaN for x = NaN (not >= 0).
+  return (jnp.where(y >= 0, g, slope * g),)
+
+
+_leaky_relu_out.defvjp(_leaky_relu_out_fwd, _leaky_relu_out_bwd)
 
 
 def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, *, dtype: Any = jnp.float32,

@@ -458,15 +458,42 @@ def _cpu_conv(x: jax.Array, w: jax.Array, strides, padding, dilation) -> jax.Arr
   return _lax_conv(x, w, strides, padding, dilation)
 
 
-def _cpu_input_grad(g: jax.Array, w: jax.Array, x_shape, x_dtype, strides, padding, dilation) -> jax.Array:
+# From this many bytes of input gradient on, `_cpu_input_grad` computes a concatenation's input gradient per part
+# (each part in its own buffer) instead of whole and sliced: XLA fuses the slices into the parts' consumers, so the
+# whole gradient stays alive until the last of them, and in PWC-Net that is the level's pyramid features, whose
+# gradient is summed at the end of the backward pass (384x512 b8: the level-2 predict_flow's 565-channel input
+# gradient, 212 MiB, was alive from the start of the backward pass to its end). Below it (PWC-Net at 128x128 b4
+# and the coarse levels) the whole gradient and slices: fewer kernels to compile.
+_SPLIT_DX_MIN_BYTES = 16 * 2**20
+
+
+def _cpu_input_grad(g: jax.Array, w: jax.Array, x_shape, x_dtype, strides, padding, dilation,
+                    splits: Sequence[int] | None = None) -> jax.Array | tuple[jax.Array, ...]:
   """Gradient with respect to x (shape x_shape) of sum(g * conv(x, w)): Winograd for the rotated kernel where
-  `use_winograd` takes that (C_out -> C_in) convolution, XLA's transposed convolution otherwise."""
+  `use_winograd` takes that (C_out -> C_in) convolution, XLA's transposed convolution otherwise.
+
+  splits: channel counts of x's parts (adding up to C_in); then a tuple of the parts' gradients, each its own
+  buffer when the whole is at least _SPLIT_DX_MIN_BYTES (Winograd: written per part by its loop; XLA: one
+  transposed convolution per part, with the kernel's rows of that part), else slices of the whole."""
+  bounds = None if splits is None else np.cumsum([0] + [int(c) for c in splits]).tolist()
+  per_part = (bounds is not None and len(splits) > 1
+              and int(np.prod(x_shape)) * jnp.dtype(x_dtype).itemsize >= _SPLIT_DX_MIN_BYTES)
   if use_winograd(g.shape, (*w.shape[:2], w.shape[3], w.shape[2]), strides, padding, dilation,
                   jnp.result_type(g.dtype, w.dtype)):
-    return winograd.conv3x3_same_input_grad(g, w).astype(x_dtype)
-  (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, strides, padding, dilation),
-                               jax.ShapeDtypeStruct(x_shape, x_dtype))(g)
-  return dx
+    dx = winograd.conv3x3_same_input_grad(g, w, splits=splits if per_part else None)
+    if per_part:
+      return tuple(d.astype(x_dtype) for d in dx)
+    dx = dx.astype(x_dtype)
+  elif per_part:
+    return tuple(jax.linear_transpose(lambda x_, w_=w[:, :, a:b]: _lax_conv(x_, w_, strides, padding, dilation),
+                                      jax.ShapeDtypeStruct((*x_shape[:3], b - a), x_dtype))(g)[0]
+                 for a, b in zip(bounds[:-1], bounds[1:]))
+  else:
+    (dx,) = jax.linear_transpose(lambda x_: _lax_conv(x_, w, strides, padding, dilation),
+                                 jax.ShapeDtypeStruct(x_shape, x_dtype))(g)
+  if bounds is None:
+    return dx
+  return tuple(lax.slice_in_dim(dx, a, b, axis=3) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -647,12 +674,9 @@ def _concat_bwd(strides, padding, dilation, res, g):
   xs, w = res
   cin = w.shape[2]
   n, h, wd, _ = xs[0].shape
-  # The input gradient needs only the kernel; it is split into the parts' channel ranges.
-  dx = _cpu_input_grad(g, w, (n, h, wd, cin), xs[0].dtype, strides, padding, dilation)
-  bounds = [0]
-  for x in xs:
-    bounds.append(bounds[-1] + x.shape[-1])
-  dxs = tuple(lax.slice_in_dim(dx, a, b, axis=3) for a, b in zip(bounds[:-1], bounds[1:]))
+  # The input gradient needs only the kernel; one per part (the whole's channel ranges).
+  dxs = _cpu_input_grad(g, w, (n, h, wd, cin), xs[0].dtype, strides, padding, dilation,
+                        splits=[x.shape[-1] for x in xs])
   mode = weight_grad_mode(cin, w.shape[3], strides, g.shape[0] * g.shape[1] * g.shape[2], w.shape[:2],
                           padding=padding, dilation=dilation, image_positions=g.shape[1] * g.shape[2],
                           dtype=jnp.result_type(xs[0].dtype, g.dtype))

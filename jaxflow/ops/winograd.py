@@ -27,6 +27,8 @@ gradients.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,7 +146,8 @@ def _tiles_gather(xi: jax.Array, u: jax.Array, idx: np.ndarray, th: int, tw: int
   return y.reshape(g, 4 * th, 4 * tw, cout)
 
 
-def conv3x3_same(x: jax.Array, w: jax.Array, images_per_step: int = 1) -> jax.Array:
+def conv3x3_same(x: jax.Array, w: jax.Array, images_per_step: int = 1,
+                 splits: Sequence[int] | None = None) -> jax.Array | tuple[jax.Array, ...]:
   """Stride-1 3x3 cross-correlation with zero padding 1 on every side, by Winograd F(4x4, 3x3).
 
   Same values as `lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))` (NHWC / HWIO) up to float32
@@ -152,6 +155,10 @@ def conv3x3_same(x: jax.Array, w: jax.Array, images_per_step: int = 1) -> jax.Ar
   Returns (N, H, W, C_out) float32. `images_per_step` images are transformed and multiplied at a time (a
   divisor of N is used: the largest one not above it). Temporaries: one step's gathered windows, products and
   output (per image: 2.25x its input, 2.25x and 1x its output); nothing batch-sized besides the result.
+
+  splits: output channel counts summing to C_out; then the result is a tuple of (N, H, W, C_p) arrays, the
+  output's consecutive channel ranges, each written by the loop into its own buffer (no whole output that slices
+  of it would keep alive).
   """
   if x.ndim != 4 or w.shape[:2] != (3, 3) or w.ndim != 4 or x.shape[-1] != w.shape[2]:
     raise ValueError(f"winograd.conv3x3_same: expected x (N, H, W, C_in) and w (3, 3, C_in, C_out), got shapes "
@@ -162,20 +169,27 @@ def conv3x3_same(x: jax.Array, w: jax.Array, images_per_step: int = 1) -> jax.Ar
   cout = w.shape[3]
   th, tw = -(-h // 4), -(-wd // 4)
   per = max(d for d in range(1, max(1, min(n, images_per_step)) + 1) if n % d == 0)
+  bounds = np.cumsum([0] + ([cout] if splits is None else [int(c) for c in splits])).tolist()
+  if bounds[-1] != cout or min(np.diff(bounds)) < 1:
+    raise ValueError(f"winograd.conv3x3_same: splits {tuple(splits)} must be positive and add up to C_out {cout}")
   if _LOOP == "map" or _TRANSFORMS != "matmul":
-    return _conv3x3_same_map(x, w, per)
+    y = _conv3x3_same_map(x, w, per)
+    return y if splits is None else tuple(y[..., a:b] for a, b in zip(bounds[:-1], bounds[1:]))
   zero = _zero_after(x)
   u = kernel_transform(w + zero)
   idx = _window_index(h, wd, th, tw)
   step = lambda xi: _tiles_gather(xi, u, idx, th, tw)[:, :h, :wd]
-  if per == n:
+  if per == n and splits is None:
     return step(x)
 
-  def body(i, out):
-    xi = lax.dynamic_slice_in_dim(x, i * per, per, axis=0)
-    return lax.dynamic_update_slice_in_dim(out, step(xi), i * per, axis=0)
+  def body(i, outs):
+    y = step(lax.dynamic_slice_in_dim(x, i * per, per, axis=0))
+    return tuple(lax.dynamic_update_slice_in_dim(o, y[..., a:b], i * per, axis=0)
+                 for o, a, b in zip(outs, bounds[:-1], bounds[1:]))
 
-  return lax.fori_loop(0, n // per, body, jnp.broadcast_to(zero, (n, h, wd, cout)))
+  init = tuple(jnp.broadcast_to(zero, (n, h, wd, b - a)) for a, b in zip(bounds[:-1], bounds[1:]))
+  outs = lax.fori_loop(0, n // per, body, init)
+  return outs[0] if splits is None else outs
 
 
 def _conv3x3_same_map(x: jax.Array, w: jax.Array, per: int) -> jax.Array:
@@ -194,12 +208,14 @@ def _conv3x3_same_map(x: jax.Array, w: jax.Array, per: int) -> jax.Array:
   return y[:, :h, :wd]
 
 
-def conv3x3_same_input_grad(g: jax.Array, w: jax.Array, images_per_step: int = 1) -> jax.Array:
-  """Gradient of sum(g * conv3x3_same(x, w)) with respect to x: g (N, H, W, C_out) -> (N, H, W, C_in).
+def conv3x3_same_input_grad(g: jax.Array, w: jax.Array, images_per_step: int = 1,
+                            splits: Sequence[int] | None = None) -> jax.Array | tuple[jax.Array, ...]:
+  """Gradient of sum(g * conv3x3_same(x, w)) with respect to x: g (N, H, W, C_out) -> (N, H, W, C_in), or with
+  splits (channel counts adding up to C_in) a tuple of its channel ranges, each in its own buffer.
 
   It is again a 'same' stride-1 3x3 convolution, of g with the kernel rotated by 180 degrees and its
   channel axes swapped: dx[n, y, x, ci] = sum g[n, y + 1 - i, x + 1 - j, co] w[i, j, ci, co]."""
-  return conv3x3_same(g, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)), images_per_step)
+  return conv3x3_same(g, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)), images_per_step, splits)
 
 
 __all__ = ["conv3x3_same", "conv3x3_same_input_grad", "kernel_transform"]
