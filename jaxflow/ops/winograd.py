@@ -16,8 +16,9 @@ tile's 36 window values are gathered at once and multiplied by the constant kron
 products' results by kron(A^T, A^T) (16 x 36); written as 36 + 16 elementwise combinations instead ('fused'),
 XLA emitted one kernel per entry (~65 per convolution, ~6 CPU-s more compile for a forward and input gradient
 against ~0.5) and ran them slower (experiments/benchmarks/winograd_conv.py, 'wf'). The work runs one image at a
-time (`lax.map`; a prototype measured whole-batch transforms slower) so the gathered windows (2.25x the input)
-stay in the cache-sized range while each product still has N = tiles per image rows.
+time (a fori_loop writing each image's output into the result in place, see `_LOOP`; a prototype measured
+whole-batch transforms slower) so the gathered windows (2.25x the input) stay in the cache-sized range while each
+product still has N = tiles per image rows.
 
 Numerics: float32 throughout (kernel transform included); the result differs from a direct convolution by
 rounding of the transforms' small integer and 1/6, 1/12, 1/24 coefficients: measured max |error| / max |y|
