@@ -10,7 +10,7 @@ batch; the default list is a representative set of PWC-Net's convolutions (pyram
 predict_flow, context) at the given image size. The variants of one shape are alternated within each repeat
 (robust to the load of a shared machine); per shape it prints the median ms (process CPU time with --cpu) and
 GFLOP/s of: fwd, dx (lax), dw_lax, dw_ours (weight_grad_mode's choice), dw_scan (always the scan), at stride 1
-dw_blocked and dw_split (those modes), and mm (a (N*Ho*Wo, K*K*Cin) @ (K*K*Cin, Cout) matmul), and dw_lax /
+dw_blocked and dw_split (those modes), for undilated 3x3 kernels dw_winograd (Winograd F(4x4, 3x3)), and mm (a (N*Ho*Wo, K*K*Cin) @ (K*K*Cin, Cout) matmul), and dw_lax /
 dw_ours.
 """
 
@@ -70,7 +70,8 @@ def bench(batch: int, h: int, w: int, cin: int, cout: int, s: int, d: int, repea
   y = f(x, wt)
   g = jnp.asarray(rng.random(y.shape, np.float32))
   m = y.shape[0] * y.shape[1] * y.shape[2]
-  mode = conv_ops.weight_grad_mode(cin, cout, (s, s), m, (k, k))
+  mode = conv_ops.weight_grad_mode(cin, cout, (s, s), m, (k, k), padding=pad, dilation=(d, d),
+                                   image_positions=y.shape[1] * y.shape[2], dtype=jnp.float32)
   a, b = jnp.ones((m, k * k * cin)), jnp.ones((k * k * cin, cout))
   cases = {
       "fwd": (jax.jit(f), (x, wt)),
@@ -84,6 +85,9 @@ def bench(batch: int, h: int, w: int, cin: int, cout: int, s: int, d: int, repea
     for md in ("blocked", "split"):
       cases[f"dw_{md}"] = (jax.jit(lambda x, g, md=md: conv_ops.weight_grad_matmul(x, g, wt.shape, (1, 1), pad,
                                                                                     (d, d), md)), (x, g))
+    if (k, d) == (3, 1):
+      cases["dw_winograd"] = (jax.jit(lambda x, g: conv_ops.weight_grad_matmul(x, g, wt.shape, (1, 1), pad, (1, 1),
+                                                                             "winograd")), (x, g))
   cases["mm"] = (jax.jit(lambda a, b: a @ b), (a, b))
   for fn, args in cases.values():
     jax.block_until_ready(fn(*args))
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.process_time if args.cpu else time.perf_counter
     r = bench(args.batch, h, w, cin, cout, s, d, args.repeats, k, clock)
     cols = " ".join(f"{c} {r[c] * 1e3:7.1f} ms ({r['flops'] / r[c] / 1e9:5.1f} GF/s)"
-                    for c in ("fwd", "dx", "dw_lax", "dw_ours", "dw_scan", "dw_blocked", "dw_split", "mm") if c in r)
+                    for c in ("fwd", "dx", "dw_lax", "dw_ours", "dw_scan", "dw_blocked", "dw_split", "dw_winograd", "mm")
+                    if c in r)
     print(f"{spec:22s} [{r['mode']:6s}] {cols}  dw_lax/dw_ours {r['dw_lax'] / r['dw_ours']:.2f}x", flush=True)
   return 0
 

@@ -6,9 +6,9 @@ r"""Winograd F(4x4, 3x3) weight gradient (jaxflow.ops.winograd_wgrad) against th
 
 Shapes are 'HxW:Cin->Cout'; 'HxW:C1+C2+...->Cout' passes the input as channel parts (conv2d_concat's backward).
 Per shape the variants ('blocked', 'winograd', with --lax XLA's own weight gradient 'lax') are alternated within
-each repeat (robust to a shared machine's load); it prints the median wall ms and process CPU ms of each, and
-blocked / winograd by CPU and wall. With --error: max |dw - ref| / max |ref| of each variant against a float64
-numpy reference (the 9 taps' products in float64; slow at big shapes).
+each repeat (robust to a shared machine's load); it prints the median wall ms and process CPU ms of each, its
+compile CPU seconds, and blocked / winograd by CPU and wall. With --error: max |dw - ref| / max |ref| of each
+variant against a float64 numpy reference (the 9 taps' products in float64; slow at big shapes).
 """
 
 from __future__ import annotations
@@ -73,7 +73,11 @@ def bench(batch: int, h: int, w: int, cins: list[int], cout: int, repeats: int, 
       return jax.linear_transpose(f, jax.ShapeDtypeStruct(shape, jnp.float32))(g)[0]
     fns["lax"] = lax_dw
   args = ([jnp.asarray(p) for p in xs], jnp.asarray(g))
-  jitted = {v: jax.jit(f) for v, f in fns.items()}
+  jitted, compile_cpu = {}, {}
+  for v, f in fns.items():
+    c = _cpu()
+    jitted[v] = jax.jit(f).lower(*args).compile()
+    compile_cpu[v] = _cpu() - c
   outs = {v: np.asarray(f(*args)) for v, f in jitted.items()}
   errs = {}
   if error:
@@ -88,8 +92,8 @@ def bench(batch: int, h: int, w: int, cins: list[int], cout: int, repeats: int, 
   med = {v: (statistics.median(t[0] for t in ts) * 1e3, statistics.median(t[1] for t in ts) * 1e3)
          for v, ts in times.items()}
   gflop = 2 * batch * h * w * cin * cout * 9 / 1e9
-  cols = "  ".join(f"{v} {m[0]:6.0f} ms {m[1]:6.0f} cpu-ms" + (f" (err {errs[v]:.1e})" if errs else "")
-                   for v, m in med.items())
+  cols = "  ".join(f"{v} {m[0]:6.0f} ms {m[1]:6.0f} cpu-ms (compile {compile_cpu[v]:.2f} cpu-s"
+                   + (f", err {errs[v]:.1e})" if errs else ")") for v, m in med.items())
   name = "+".join(map(str, cins))
   print(f"b{batch} {h}x{w} {name}->{cout} {gflop:5.1f} GFLOP  {cols}  blocked/winograd cpu "
         f"{med['blocked'][1] / med['winograd'][1]:.2f} wall {med['blocked'][0] / med['winograd'][0]:.2f}", flush=True)

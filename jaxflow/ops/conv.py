@@ -32,8 +32,9 @@ one product and an overlap-add on CPU, for the same reason (XLA's weight gradien
 Forward and input gradient by Winograd (`use_winograd`, jaxflow.ops.winograd): on the CPU path, float32 3x3
 stride-1 undilated convolutions with padding 1, enough positions per image and channels on both sides (PWC-Net's
 estimator conv0-conv3 and context conv0 at its fine levels, FlowNet's conv3_1) compute their values, and their
-input gradients, by F(4x4, 3x3) (1.4-2.4x less CPU time than XLA's convolution at those shapes); the weight
-gradient keeps the modes above.
+input gradients, by F(4x4, 3x3) (1.4-2.4x less CPU time than XLA's convolution at those shapes); their weight
+gradients by F(4x4, 3x3) too (mode 'winograd', jaxflow.ops.winograd_wgrad) where the output has at least 96
+channels (`weight_grad_mode`), the modes above otherwise.
 
 Selection: `conv2d(..., impl=None)` uses the matmul weight gradient on the CPU backend and plain lax elsewhere
 (GPU/TPU convolution gradients are native and fast). `set_default_impl('lax' | 'matmul' | 'auto')` overrides it

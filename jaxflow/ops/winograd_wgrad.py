@@ -33,17 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxflow.ops.winograd import _AT, _BT, _G
-
-
-def _window_index(h: int, w: int, th: int, tw: int) -> np.ndarray:
-  """Flat indices into an (h * w) image of every tile's 6x6 input window (zero padding 1 on every side), ordered
-  (window entry 6 * r + c, tile i * tw + j): shape (36 * th * tw,). Positions outside the image get index
-  h * w, the zero position appended to each image."""
-  r, c, i, j = np.meshgrid(np.arange(6), np.arange(6), np.arange(th), np.arange(tw), indexing="ij")
-  y, x = 4 * i + r - 1, 4 * j + c - 1
-  inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
-  return np.where(inside, y * w + x, h * w).reshape(-1).astype(np.int32)
+from jaxflow.ops.winograd import _AT, _BT, _G, _window_index
 
 
 def _tile_index(h: int, w: int, th: int, tw: int) -> np.ndarray:
@@ -90,7 +80,7 @@ def weight_grad(x: jax.Array | Sequence[jax.Array], g: jax.Array, images_per_ste
   gflat = g.reshape(n, h * w, cout)
 
   def body(du, k):
-    # The step's images with one zero position appended (index h * w, read by the padding's window entries):
+    # The step's images with one zero position appended (index h * w: `_window_index`'s entry for the padding):
     # the concatenation of the parts is a copy of the step's input that the gather then reads.
     zero = jnp.zeros((per, 1, cin), dtype)
     parts = [lax.dynamic_slice_in_dim(p, k * per, per).astype(dtype) for p in xflat]
