@@ -322,13 +322,18 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="only PWC-Net level 2 and FlowNetC")
   parser.add_argument("--warp", action="store_true", help="also time jaxflow.ops.warp against session 6's and autodiff")
   parser.add_argument("--no-flownetc", action="store_true", help="skip the FlowNetC case")
+  parser.add_argument("--no-default-flags", action="store_true",
+                      help="keep XLA:CPU's defaults instead of the trainer's (jaxflow.platform.DEFAULT_CPU_FLAGS)")
   args = parser.parse_args()
+  # The trainer's XLA flags (platform.configure, before the backend starts): what a training step runs with.
+  from jaxflow import platform
+  applied = platform.configure(cache_dir=None, default_cpu_flags=not args.no_default_flags)
   variants = args.variants.split(",")
   for v in variants:
     if v not in VARIANTS:
       raise SystemExit(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}; "
-        f"load average {os.getloadavg()[0]:.2f}")
+        f"load average {os.getloadavg()[0]:.2f}; XLA_FLAGS {applied['xla_flags']!r}")
   b = args.batch
   pwc = [(2, 96, 128, 32), (3, 48, 64, 64), (4, 24, 32, 96), (5, 12, 16, 128), (6, 6, 8, 196)]
   if args.quick:
