@@ -9,7 +9,10 @@ Prints per variant: compile seconds, median step wall / CPU seconds, pairs/s, an
 'matmul-s4': session 4's CPU path, without the patch product for small convolutions and with XLA's transposed
 convolutions; 'matmul-s5': session 5's CPU path, without the 'split' weight gradient and with a slice per tap
 instead of a gather in the blocked one; 'matmul-s6': session 6's CPU path, XLA's forward and input-gradient
-convolutions where Winograd F(4x4, 3x3) now runs).
+convolutions where Winograd F(4x4, 3x3) now runs; 'matmul-s7': session 7's, the 'blocked' weight gradient where
+Winograd's now runs; 'matmul-mem7': the default with session 7's memory behaviour: its Winograd loop
+(winograd._LOOP 'map'), LeakyReLU by autodiff of the where (layers._LEAKY_FROM_OUTPUT False) and concatenations'
+input gradients whole and sliced).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   from jaxflow import steps as steps_lib
   from jaxflow.models import get_model
   from jaxflow.ops import conv as conv_ops
+  from jaxflow.models import layers as layers_lib
+  from jaxflow.ops import winograd as winograd_ops
   from jaxflow.train_state import INIT_SIZE, create_train_state, make_init_fn
   # 'matmul-scan': the matmul weight gradient with the per-tap scan for stride 1 (the default before 'blocked').
   conv_ops._STRIDE1_MODE = "scan" if impl == "matmul-scan" else "blocked"
@@ -44,7 +49,14 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   conv_ops._SPLIT = conv_ops._GATHER_TAPS = impl not in ("matmul-s5", "matmul-s4")
   # 'matmul-s6' (and the earlier ones): XLA's forward and input-gradient convolutions, no Winograd.
   conv_ops._WINOGRAD = impl not in ("matmul-s6", "matmul-s5", "matmul-s4")
-  impl = "matmul" if impl in ("matmul-scan", "matmul-s4", "matmul-s5", "matmul-s6") else impl
+  # 'matmul-s7' (and the earlier ones): the 'blocked' weight gradient where Winograd's now runs.
+  conv_ops._WINOGRAD_WGRAD = impl not in ("matmul-s7", "matmul-s6", "matmul-s5", "matmul-s4")
+  # 'matmul-mem7': session 7's memory behaviour (Winograd loop, LeakyReLU residual, whole concat input gradients).
+  winograd_ops._LOOP = "map" if impl == "matmul-mem7" else "write"
+  layers_lib._LEAKY_FROM_OUTPUT = impl != "matmul-mem7"
+  conv_ops._SPLIT_DX_MIN_BYTES = 2**62 if impl == "matmul-mem7" else 16 * 2**20
+  impl = "matmul" if impl in ("matmul-scan", "matmul-s4", "matmul-s5", "matmul-s6", "matmul-s7",
+                              "matmul-mem7") else impl
   conv_ops.set_default_impl(impl)
   model = get_model(model_name, dtype=dtype, **(model_overrides or {}))
   shape = (batch, height, width, 3)
@@ -69,7 +81,8 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   if lower_only:
     conv_ops.set_default_impl("auto")
     conv_ops._IM2COL_MAX_POSITIONS, conv_ops._MATMUL_TRANSPOSE, conv_ops._SPLIT = 1536, True, True
-    conv_ops._GATHER_TAPS = conv_ops._WINOGRAD = True
+    conv_ops._GATHER_TAPS = conv_ops._WINOGRAD = conv_ops._WINOGRAD_WGRAD = True
+    winograd_ops._LOOP, layers_lib._LEAKY_FROM_OUTPUT, conv_ops._SPLIT_DX_MIN_BYTES = "write", True, 16 * 2**20
     return step, state, batch_arrays
   t = time.perf_counter()
   compiled = step.lower(state, batch_arrays).compile()
@@ -77,7 +90,8 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   conv_ops.set_default_impl("auto")
   conv_ops._STRIDE1_MODE = "blocked"
   conv_ops._IM2COL_MAX_POSITIONS, conv_ops._MATMUL_TRANSPOSE, conv_ops._SPLIT = 1536, True, True
-  conv_ops._GATHER_TAPS = conv_ops._WINOGRAD = True
+  conv_ops._GATHER_TAPS = conv_ops._WINOGRAD = conv_ops._WINOGRAD_WGRAD = True
+  winograd_ops._LOOP, layers_lib._LEAKY_FROM_OUTPUT, conv_ops._SPLIT_DX_MIN_BYTES = "write", True, 16 * 2**20
   return compiled, state, batch_arrays, compile_s
 
 
