@@ -255,6 +255,22 @@ def test_tile_side_choice_and_unknown_impl():
     correlation(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 4, 3)), 1, impl="fft")
 
 
+def _numpy_adjoint(f1: np.ndarray, f2: np.ndarray, g: np.ndarray, md: int, stride: int):
+  """float64 gradients (d f1, d f2) of sum(g * correlation(f1, f2, md, stride)), displacement by displacement
+  (the correlation is bilinear, so this adjoint is exact)."""
+  b, h, w, c = f1.shape
+  k, n = 2 * (md // stride) + 1, md // stride
+  f2p = np.pad(f2.astype(np.float64), ((0, 0), (md, md), (md, md), (0, 0)))
+  e1, e2p = np.zeros(f1.shape), np.zeros(f2p.shape)
+  for i in range(k):
+    for j in range(k):
+      dy, dx = (i - n) * stride, (j - n) * stride
+      gk = g[..., i * k + j, None].astype(np.float64) / c
+      e1 += gk * f2p[:, md + dy:md + dy + h, md + dx:md + dx + w]
+      e2p[:, md + dy:md + dy + h, md + dx:md + dx + w] += gk * f1
+  return e1, e2p[:, md:md + h, md:md + w]
+
+
 @pytest.mark.parametrize("shape,md,stride", [
     ((1, 13, 19, 32), 4, 1),    # PWC-Net level-2 channels, odd H and W, batch 1
     ((3, 9, 11, 196), 4, 1),    # PWC-Net's top-level channels, batch 3
@@ -274,19 +290,9 @@ def test_gather_skews_match_reference_values_and_gradients(shape, md, stride):
     results[impl] = [np.asarray(x) for x in fwd_bwd(f1, f2, g)]
   np.testing.assert_allclose(results["tiled_gather"][0], numpy_correlation(f1, f2, md, stride), rtol=1e-5, atol=1e-6)
   # Reference gradients: the correlation is bilinear, so its adjoint is exact through the numpy forward.
-  b, h, w, c = shape
-  f2p = np.pad(f2.astype(np.float64), ((0, 0), (md, md), (md, md), (0, 0)))
-  e1 = np.zeros(shape)
-  e2p = np.zeros(f2p.shape)
-  n = md // stride
-  for i in range(k):
-    for j in range(k):
-      dy, dx = (i - n) * stride, (j - n) * stride
-      gk = g[..., i * k + j, None].astype(np.float64) / c
-      e1 += gk * f2p[:, md + dy:md + dy + h, md + dx:md + dx + w]
-      e2p[:, md + dy:md + dy + h, md + dx:md + dx + w] += gk * f1
+  e1, e2 = _numpy_adjoint(f1, f2, g, md, stride)
   np.testing.assert_allclose(results["tiled_gather"][1], e1, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(results["tiled_gather"][2], e2p[:, md:md + h, md:md + w], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(results["tiled_gather"][2], e2, rtol=1e-4, atol=1e-5)
   for a, r in zip(results["tiled_gather"], results["tiled_reshape"]):
     np.testing.assert_array_equal(a, r)
 
@@ -350,15 +356,6 @@ def test_backward_scale_on_features_matches_scale_on_cotangent(monkeypatch, shap
       np.testing.assert_array_equal(a, r)
     else:
       np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
-  b, h, w, c = shape
-  n = md // stride
-  f2p = np.pad(f2.astype(np.float64), ((0, 0), (md, md), (md, md), (0, 0)))
-  e1, e2p = np.zeros(shape), np.zeros(f2p.shape)
-  for i in range(k):
-    for j in range(k):
-      dy, dx = (i - n) * stride, (j - n) * stride
-      gk = g[..., i * k + j, None].astype(np.float64) / c
-      e1 += gk * f2p[:, md + dy:md + dy + h, md + dx:md + dx + w]
-      e2p[:, md + dy:md + dy + h, md + dx:md + dx + w] += gk * f1
+  e1, e2 = _numpy_adjoint(f1, f2, g, md, stride)
   np.testing.assert_allclose(grads[True][0], e1, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(grads[True][1], e2p[:, md:md + h, md:md + w], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads[True][1], e2, rtol=1e-4, atol=1e-5)

@@ -94,6 +94,12 @@ def _tiles_matmul(xp: jax.Array, u: jax.Array, th: int, tw: int) -> jax.Array:
   r, c, i, j = np.meshgrid(np.arange(6), np.arange(6), np.arange(th), np.arange(tw), indexing="ij")
   idx = ((4 * i + r) * wp + 4 * j + c).reshape(-1).astype(np.int32)  # (36 * th * tw,): window entry, tile
   p = jnp.take(xp.reshape(g, hp * wp, cin), idx, axis=1, mode="clip").reshape(g, 36, th * tw * cin)
+  return _transform_multiply(p, u, g, th, tw, cin, cout)
+
+
+def _transform_multiply(p: jax.Array, u: jax.Array, g: int, th: int, tw: int, cin: int, cout: int) -> jax.Array:
+  """The gathered windows p (g, 36, th * tw * C_in) -> (g, 4*th, 4*tw, C_out): the input transform kron(B^T, B^T),
+  the 36 products with u (36, C_in, C_out) and the output transform kron(A^T, A^T), as matrix products."""
   p = jnp.swapaxes(p, 0, 1).reshape(36, g * th * tw * cin)
   v = jnp.dot(jnp.asarray(np.kron(_BT, _BT), jnp.float32), p).reshape(36, g * th * tw, cin)
   m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)  # (36, n, O)
@@ -139,12 +145,7 @@ def _tiles_gather(xi: jax.Array, u: jax.Array, idx: np.ndarray, th: int, tw: int
   g, h, w, cin = xi.shape
   cout = u.shape[-1]
   p = jnp.take(xi.reshape(g, h * w, cin), idx, axis=1, mode="fill", fill_value=0).reshape(g, 36, th * tw * cin)
-  p = jnp.swapaxes(p, 0, 1).reshape(36, g * th * tw * cin)
-  v = jnp.dot(jnp.asarray(np.kron(_BT, _BT), jnp.float32), p).reshape(36, g * th * tw, cin)
-  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)  # (36, n, O)
-  y = jnp.dot(jnp.asarray(np.kron(_AT, _AT), jnp.float32), m.reshape(36, g * th * tw * cout))  # (16, n * O)
-  y = jnp.transpose(y.reshape(4, 4, g, th, tw, cout), (2, 3, 0, 4, 1, 5))  # (g, th, 4, tw, 4, O)
-  return y.reshape(g, 4 * th, 4 * tw, cout)
+  return _transform_multiply(p, u, g, th, tw, cin, cout)
 
 
 def conv3x3_same(x: jax.Array, w: jax.Array, images_per_step: int = 1,
