@@ -35,22 +35,15 @@ def _lax(x, w):
   return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
 
 
-def _fused(f, *args):
-  """f traced with the 'fused' transforms (one kernel per transformed entry) instead of the default."""
-  old, winograd._TRANSFORMS = winograd._TRANSFORMS, "fused"
+def _switched(name, value, f, *args):
+  """f traced with the module switch winograd.<name> set to value (then restored): _TRANSFORMS 'fused' (one kernel
+  per transformed entry) or _LOOP 'map' (session 7's loop: padded batch, lax.map, crop) instead of the default."""
+  old = getattr(winograd, name)
+  setattr(winograd, name, value)
   try:
     return f(*args)
   finally:
-    winograd._TRANSFORMS = old
-
-
-def _map_loop(f, *args):
-  """f traced with session 7's loop (winograd._LOOP 'map': padded batch, lax.map, crop) instead of the default."""
-  old, winograd._LOOP = winograd._LOOP, "map"
-  try:
-    return f(*args)
-  finally:
-    winograd._LOOP = old
+    setattr(winograd, name, old)
 
 
 def bench(batch: int, h: int, w: int, cin: int, cout: int, repeats: int) -> None:
@@ -61,11 +54,11 @@ def bench(batch: int, h: int, w: int, cin: int, cout: int, repeats: int) -> None
   dx_lax = lambda g, k: jax.linear_transpose(lambda x_: _lax(x_, k), jax.ShapeDtypeStruct(x.shape, x.dtype))(g)[0]
   passes = {
       "fwd": ((x, k), {"xla": _lax, "w1": lambda x, k: winograd.conv3x3_same(x, k, 1),
-                       "wf": lambda x, k: _fused(winograd.conv3x3_same, x, k),
-                       "wm": lambda x, k: _map_loop(winograd.conv3x3_same, x, k)}),
+                       "wf": lambda x, k: _switched("_TRANSFORMS", "fused", winograd.conv3x3_same, x, k),
+                       "wm": lambda x, k: _switched("_LOOP", "map", winograd.conv3x3_same, x, k)}),
       "dx": ((g, k), {"xla": dx_lax, "w1": lambda g, k: winograd.conv3x3_same_input_grad(g, k, 1),
-                      "wf": lambda g, k: _fused(winograd.conv3x3_same_input_grad, g, k),
-                      "wm": lambda g, k: _map_loop(winograd.conv3x3_same_input_grad, g, k)}),
+                      "wf": lambda g, k: _switched("_TRANSFORMS", "fused", winograd.conv3x3_same_input_grad, g, k),
+                      "wm": lambda g, k: _switched("_LOOP", "map", winograd.conv3x3_same_input_grad, g, k)}),
   }
   gflop = 2 * batch * h * w * cin * cout * 9 / 1e9
   for name, (args, fns) in passes.items():
