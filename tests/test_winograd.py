@@ -8,6 +8,7 @@ from jax import lax
 
 from jaxflow.ops import conv as conv_ops
 from jaxflow.ops import winograd
+from pwcnet_helpers import small_pwcnet_value_and_grad
 
 DN = ("NHWC", "HWIO", "NHWC")
 # Max |error| / max |y| against a float64 reference. Measured for Winograd at 117-565 input channels on 96x128
@@ -166,25 +167,8 @@ def test_fused_transforms_give_the_same_values(monkeypatch):
 def test_small_pwcnet_with_winograd_everywhere_matches_xla(monkeypatch):
   # Every stride-1 3x3 undilated conv of a small PWC-Net by Winograd (thresholds forced to 1), forward and input
   # gradient, against the same network on XLA's convolutions: flows and parameter gradients agree.
-  from jaxflow.models import get_model
-  model = get_model("pwcnet", pyramid_channels=(8, 16), estimator_channels=(16, 16, 8), search_range=2,
-                    context_channels=(16, 8), context_dilations=(1, 2))
-  rng = np.random.default_rng(7)
-  im1, im2 = (jnp.asarray(rng.random((2, 64, 64, 3), np.float32)) for _ in range(2))
-  variables = model.init(jax.random.key(0), im1, im2)
-
-  def loss(params):
-    flows = model.apply({**variables, "params": params}, im1, im2)["flows"]
-    return sum(jnp.mean(jnp.square(f - 0.3)) for f in flows), flows
-
-  def run():
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-
-  conv_ops.set_default_impl("lax")
-  try:
-    (l_ref, flows_ref), g_ref = run()
-  finally:
-    conv_ops.set_default_impl("auto")
+  run, ((l_ref, flows_ref), g_ref) = small_pwcnet_value_and_grad(
+      pyramid_channels=(8, 16), estimator_channels=(16, 16, 8), context_channels=(16, 8))
   _force_winograd(monkeypatch)
   monkeypatch.setattr(conv_ops, "_MIN_TAP_MACS", 0)
   calls = []

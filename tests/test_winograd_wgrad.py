@@ -8,6 +8,7 @@ from jax import lax
 
 from jaxflow.ops import conv as conv_ops
 from jaxflow.ops import winograd_wgrad
+from pwcnet_helpers import small_pwcnet_value_and_grad
 
 DN = ("NHWC", "HWIO", "NHWC")
 SAME = ((1, 1), (1, 1))
@@ -170,28 +171,11 @@ def test_conv2d_concat_weight_grad_by_winograd_matches_lax(monkeypatch):
 def test_small_pwcnet_with_winograd_weight_grads_matches_xla(monkeypatch):
   # Every stride-1 3x3 undilated conv of a small PWC-Net with its weight gradient (and forward and input gradient)
   # by Winograd, against the same network on XLA's convolutions: loss and parameter gradients agree.
-  from jaxflow.models import get_model
-  model = get_model("pwcnet", pyramid_channels=(8, 32), estimator_channels=(48, 32, 8), search_range=2,
-                    context_channels=(32, 8), context_dilations=(1, 2))
-  rng = np.random.default_rng(7)
-  im1, im2 = (jnp.asarray(rng.random((2, 64, 64, 3), np.float32)) for _ in range(2))
-  variables = model.init(jax.random.key(0), im1, im2)
-
-  def loss(params):
-    flows = model.apply({**variables, "params": params}, im1, im2)["flows"]
-    return sum(jnp.mean(jnp.square(f - 0.3)) for f in flows)
-
-  def run():
-    return jax.jit(jax.value_and_grad(loss))(variables["params"])
-
-  conv_ops.set_default_impl("lax")
-  try:
-    l_ref, g_ref = run()
-  finally:
-    conv_ops.set_default_impl("auto")
+  run, ((l_ref, _), g_ref) = small_pwcnet_value_and_grad(
+      pyramid_channels=(8, 32), estimator_channels=(48, 32, 8), context_channels=(32, 8))
   _force(monkeypatch)
   calls = _spy(monkeypatch)
-  l_w, g_w = run()
+  (l_w, _), g_w = run()
   # The level-2 pyramid conv1 (32 -> 32, both frames at once), the estimator's conv0 (25 -> 48) and conv1
   # (73 -> 32) and the context conv0 (113 -> 32); convs with <= 8 output channels keep 'concat', the dilated
   # context conv1 'blocked', and channel products below 1,024 XLA's.
