@@ -234,16 +234,16 @@ def test_tiled_and_scan_agree_in_values_and_gradients(shape, md, stride):
   k = 2 * (md // stride) + 1
   g = np.random.default_rng(12).normal(size=shape[:3] + (k * k,)).astype(np.float32)
   results = {}
-  for impl in ("tiled", "tiled_reshape", "scan"):
+  for impl in ("tiled_gather", "tiled_reshape", "scan"):  # CPU's jnp path ("tiled" is the C++ kernel)
     fn = lambda a, b, impl=impl: correlation(a, b, md, stride, impl=impl)
     out, vjp = jax.vjp(fn, jnp.asarray(f1), jnp.asarray(f2))
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6, err_msg=impl)
     results[impl] = [np.asarray(x) for x in vjp(jnp.asarray(g))]
-  for a, b in zip(results["tiled"], results["scan"]):
+  for a, b in zip(results["tiled_gather"], results["scan"]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
   # On CPU 'tiled' reads the band off the blocks by a gather, 'tiled_reshape' by the pad/reshape skews: the
   # same products, so the same bits (and the backward is shared).
-  for a, b in zip(results["tiled"], results["tiled_reshape"]):
+  for a, b in zip(results["tiled_gather"], results["tiled_reshape"]):
     np.testing.assert_array_equal(a, b)
 
 
@@ -309,7 +309,10 @@ def test_skew_gather_index_reads_the_band_of_a_constructed_block():
       assert band[p, q, i * k + j] == 1000 * (p * t + q) + (p + i) * s + (q + j)
 
 
-def test_cpu_default_is_the_gather_path():
+def test_cpu_default_is_the_gather_path(monkeypatch):
+  # Without the C++ kernel (jaxflow.ops.correlation_ffi, tested in test_correlation_ffi.py), 'tiled' on CPU is
+  # the gather path.
+  monkeypatch.setattr(sys.modules["jaxflow.ops.correlation_ffi"], "available", lambda: False)
   assert jax.default_backend() == "cpu"
   f1, f2 = _features((2, 16, 24, 8), 41)
   hlo = lambda impl: jax.jit(lambda a, b: correlation(a, b, 4, impl=impl)).lower(f1, f2).compile().as_text()
@@ -348,7 +351,7 @@ def test_backward_scale_on_features_matches_scale_on_cotangent(monkeypatch, shap
   for on_features in (True, False):
     monkeypatch.setattr(mod, "_BWD_SCALE_FEATURES", on_features)
     jax.clear_caches()
-    vjp = jax.jit(lambda a, b: jax.vjp(lambda x, y: correlation(x, y, md, stride), a, b)[1](g))
+    vjp = jax.jit(lambda a, b: jax.vjp(lambda x, y: correlation(x, y, md, stride, impl="tiled_gather"), a, b)[1](g))
     grads[on_features] = [np.asarray(x) for x in vjp(f1, f2)]
   jax.clear_caches()
   for a, r in zip(grads[True], grads[False]):

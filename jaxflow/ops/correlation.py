@@ -1,12 +1,25 @@
-"""Cost volume by shifted dot products (the FlowNetC / PWC-Net correlation layer) in pure JAX.
+"""Cost volume by shifted dot products (the FlowNetC / PWC-Net correlation layer): jnp, and a C++ kernel on CPU.
 
 `correlation(f1, f2, max_displacement, stride)` returns, for every pixel (y, x) of f1 and every displacement
 (dy, dx) of a square window, the mean over channels of f1(y, x) * f2(y + dy, x + dx); positions outside f2
 contribute zero (zero padding).
 
-Two implementations of the same sums, both `jax.custom_vjp`s (gradients are written by hand, not autodiff):
+Three implementations of the same sums, all `jax.custom_vjp`s (gradients are written by hand, not autodiff):
 
-- 'tiled' (the default): the image is cut into T x T pixel tiles. For one tile, every product it needs lies in
+- 'ffi' (what 'tiled' means on XLA:CPU when the kernel is available; session 9): a C++ XLA FFI custom call,
+  jaxflow/ops/csrc/correlation.cc, built on first use by jaxflow.ops.correlation_ffi (system C++ compiler,
+  cached per source / compiler / jaxlib / CPU; $JAXFLOW_CORRELATION_FFI=0 turns it off). Forward and backward
+  of the stride-1 correlation on float32 maps: each image's rows are transposed to channel-major and padded, then
+  8 pixels per vector meet the K shifted f2 rows of one dy in K register accumulators (one load per fused
+  multiply-add), rows split over XLA's intra-op thread pool; the f2 gradient is the same loop on the (g, f1)
+  pair with the displacements reversed. bfloat16 / float16 inputs are cast to float32 around it (gradients cast
+  back); float64 (x64 tests) and a process without the kernel (no compiler, failed build: one warning) use
+  'tiled_gather'. Stride 2 (FlowNetC) reaches it through the pixel phases below. This departs, on CPU only,
+  from DESIGN.md's "jnp shifted dot products": XLA:CPU runs the tiled path's (64, 32) @ (32, 256) block
+  products at ~12 GFLOP/CPU-s (BENCHMARKS.md, sessions 7-9); the jnp paths stay the reference in the tests and
+  accelerators keep 'tiled_reshape'.
+
+- 'tiled' (the default; 'tiled_gather' / 'tiled_reshape'): the image is cut into T x T pixel tiles. For one tile, every product it needs lies in
   the (T + 2d) x (T + 2d) window of f2 around it, so the tile's products with its whole window are one small
   matmul over channels, (T*T, C) @ (C, (T+2d)^2); the K*K wanted displacements of each pixel are then read off
   that block by two "skews" (pad / reshape / slice: pure data movement, no gather; impl 'tiled_reshape',
@@ -41,7 +54,12 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from jaxflow.ops import correlation_ffi
+
 _F32 = jnp.float32
+
+# Builds (first use on this machine, ~5 s of one core) or loads the C++ kernel in the background.
+correlation_ffi.start_build()
 
 
 def _acc_dtype(*xs: jax.Array):
@@ -315,12 +333,42 @@ def _correlation_tiled_bwd(n, t, skew, residuals, g):
 _correlation_tiled.defvjp(_correlation_tiled_fwd, _correlation_tiled_bwd)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The C++ kernel on XLA:CPU (jaxflow/ops/csrc/correlation.cc through the XLA FFI; see correlation_ffi).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _correlation_ffi(f1: jax.Array, f2: jax.Array, n: int) -> jax.Array:
+  return correlation_ffi.forward(f1.astype(_F32), f2.astype(_F32), n)
+
+
+def _correlation_ffi_fwd(f1, f2, n):
+  return _correlation_ffi(f1, f2, n), (f1, f2)
+
+
+def _correlation_ffi_bwd(n, residuals, g):
+  f1, f2 = residuals
+  d1, d2 = correlation_ffi.backward(f1.astype(_F32), f2.astype(_F32), g.astype(_F32), n)
+  return d1.astype(f1.dtype), d2.astype(f2.dtype)
+
+
+_correlation_ffi.defvjp(_correlation_ffi_fwd, _correlation_ffi_bwd)
+
+
+def _stride1(f1: jax.Array, f2: jax.Array, n: int, skew: str) -> jax.Array:
+  """Stride-1 correlation (B, H, W, K*K): the C++ kernel ('ffi', float32 accumulation only) or the tiled jnp."""
+  if skew == "ffi" and _acc_dtype(f1, f2) == _F32:
+    return _correlation_ffi(f1, f2, n)
+  b, h, w, c = f1.shape
+  return _correlation_tiled(f1, f2, n, _tile_side(h, w, c, n), "reshape" if skew == "reshape" else "gather")
+
+
 def _by_phases(f1: jax.Array, f2: jax.Array, n: int, s: int, skew: str) -> jax.Array:
-  """Stride-s correlation as s*s stride-1 tiled correlations of the pixel phases; (B, H, W, K*K)."""
+  """Stride-s correlation as s*s stride-1 correlations of the pixel phases; (B, H, W, K*K)."""
   b, h, w, c = f1.shape
   k = 2 * n + 1
   if s == 1:
-    return _correlation_tiled(f1, f2, n, _tile_side(h, w, c, n), skew)
+    return _stride1(f1, f2, n, skew)
   hp, wp = -(-h // s), -(-w // s)
   # Zero rows/columns at the end make H, W multiples of s: zeros of f2 add nothing, those of f1 are cropped.
   pad = ((0, 0), (0, hp * s - h), (0, wp * s - w), (0, 0))
@@ -329,33 +377,43 @@ def _by_phases(f1: jax.Array, f2: jax.Array, n: int, s: int, skew: str) -> jax.A
     x = jnp.pad(x, pad).reshape(b, hp, s, wp, s, c)
     return jnp.transpose(x, (2, 4, 0, 1, 3, 5)).reshape(s * s * b, hp, wp, c)
 
-  out = _correlation_tiled(phases(f1), phases(f2), n, _tile_side(hp, wp, c, n), skew)
+  out = _stride1(phases(f1), phases(f2), n, skew)
   out = jnp.transpose(out.reshape(s, s, b, hp, wp, k * k), (2, 3, 0, 4, 1, 5))
   return out.reshape(b, hp * s, wp * s, k * k)[:, :h, :w]
 
 
 
+def _resolve(impl: str) -> str:
+  """The concrete implementation of `impl` in this process: 'tiled' is `_CPU_TILED` on CPU (the C++ kernel when
+  it is available, else 'tiled_gather') and 'tiled_reshape' on accelerators; 'ffi' without the kernel (no
+  compiler, failed build, switched off: one warning) is 'tiled_gather'."""
+  if impl == "tiled":
+    impl = _CPU_TILED if jax.default_backend() == "cpu" else "tiled_reshape"
+  if impl == "ffi" and not correlation_ffi.available():
+    impl = "tiled_gather"
+  return impl
+
+
 def _correlation_any(f1: jax.Array, f2: jax.Array, n: int, s: int, impl: str) -> jax.Array:
+  impl = _resolve(impl)
   if impl == "scan":
     return _correlation(f1, f2, n, s)
-  if impl == "tiled":
-    # XLA:CPU: the band by one gather per image (fast there). Accelerators keep the pad/reshape skews, pure
-    # layout work that needs no index arithmetic (TPU gathers are slow).
-    impl = _CPU_TILED if jax.default_backend() == "cpu" else "tiled_reshape"
-  return _by_phases(f1, f2, n, s, "gather" if impl == "tiled_gather" else "reshape")
+  skew = {"ffi": "ffi", "tiled_gather": "gather"}.get(impl, "reshape")
+  return _by_phases(f1, f2, n, s, skew)
 
 
 # Session 8: the backward's 1/C scale applied to the features inside the per-image loop (True) or to the
 # cotangent before it (False, session 7); a switch for the benchmark's A/B (then jax.clear_caches()).
 _BWD_SCALE_FEATURES = True
 
-# What 'tiled' means on CPU; benchmarks set 'tiled_reshape' (session 6's path) for A/B runs, then call
-# jax.clear_caches() so that traced programs pick the change up.
-_CPU_TILED = "tiled_gather"
+# What 'tiled' means on CPU: 'ffi' (the C++ kernel, session 9; 'tiled_gather' when the kernel is not
+# available). Benchmarks set 'tiled_gather' (session 8's path) or 'tiled_reshape' (session 6's) for A/B runs,
+# then call jax.clear_caches() so that traced programs pick the change up.
+_CPU_TILED = "ffi"
 
 # Jitted so eager calls compile once instead of dispatching primitive by primitive; inlined under jit.
 _correlation_jit = jax.jit(_correlation_any, static_argnums=(2, 3, 4))
-IMPLS = ("tiled", "tiled_gather", "tiled_reshape", "scan")
+IMPLS = ("tiled", "ffi", "tiled_gather", "tiled_reshape", "scan")
 
 
 def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int = 1, *,
@@ -367,9 +425,11 @@ def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int
     max_displacement: largest |dy|, |dx| in pixels; rounded down to a multiple of `stride` (d).
     stride: step between displacements in pixels (FlowNetC's stride2 = 2; PWC-Net 1). Output positions
       are every pixel (stride1 = 1), so the spatial size is unchanged.
-    impl: 'tiled' (tile x window matmuls, the fast default: 'tiled_gather' on CPU, 'tiled_reshape'
-      elsewhere; the two differ only in how the forward reads the band off the blocks) or 'scan' (one pass
-      per displacement); the same values up to float32 summation order (see the module docstring).
+    impl: 'tiled' (the fast default: on CPU the C++ kernel 'ffi' when it is available, else 'tiled_gather';
+      'tiled_reshape' elsewhere), 'ffi' (the C++ XLA:CPU kernel; CPU only; float64 inputs and a process
+      without the kernel use 'tiled_gather'), 'tiled_gather' / 'tiled_reshape' (tile x window matmuls in jnp,
+      differing only in how the forward reads the band off the blocks) or 'scan' (one pass per displacement);
+      the same values up to float32 summation order (see the module docstring).
 
   Returns:
     float32 (B, H, W, K*K) (float64 for float64 inputs), K = 2 * (max_displacement // stride) + 1. Channel (i * K + j) holds the
@@ -383,7 +443,7 @@ def correlation(f1: jax.Array, f2: jax.Array, max_displacement: int, stride: int
   n, _ = _check_inputs(f1, f2, max_displacement, stride)
   if impl not in IMPLS:
     raise ValueError(f"correlation: impl must be one of {IMPLS}, got {impl!r}")
-  return _correlation_jit(f1, f2, n, stride, impl)
+  return _correlation_jit(f1, f2, n, stride, _resolve(impl))
 
 
 __all__ = ["IMPLS", "correlation"]

@@ -1,0 +1,282 @@
+"""The C++ cost-volume kernel (jaxflow.ops.correlation_ffi, impl 'ffi'): values and gradients against the numpy
+reference and the jnp paths, dtypes, jit / vmap / shard_map, a small PWC-Net, the fallback without a compiler or
+with a failing build, the library's cache key, and a warm start of an executable that calls it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxflow.ops import correlation, correlation_ffi
+from test_correlation import _features, _numpy_adjoint, numpy_correlation
+
+_corr_mod = sys.modules["jaxflow.ops.correlation"]
+pytestmark = pytest.mark.skipif(shutil.which(correlation_ffi.compiler()[0]) is None,
+                                reason="no C++ compiler: the kernel cannot be built (the jnp path is used)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+  if not correlation_ffi.enabled():
+    pytest.skip(f"${correlation_ffi.ENV_SWITCH} switches the kernel off")
+  assert correlation_ffi.available(), "a C++ compiler exists, so the kernel must build"
+
+
+def _grads(impl, f1, f2, g, md, stride):
+  out, vjp = jax.vjp(lambda a, b: correlation(a, b, md, stride, impl=impl), jnp.asarray(f1), jnp.asarray(f2))
+  return [np.asarray(out)] + [np.asarray(x) for x in vjp(jnp.asarray(g))]
+
+
+def _cotangent(shape, md, stride, seed):
+  k = 2 * (md // stride) + 1
+  return np.random.default_rng(seed).normal(size=shape[:3] + (k * k,)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape,md,stride", [
+    ((1, 9, 11, 1), 1, 1),       # C = 1, n = 1, odd H and W
+    ((3, 13, 7, 3), 4, 1),       # batch 3, C = 3, W < 8 (one partial vector of pixels)
+    ((1, 17, 19, 32), 4, 1),     # PWC-Net's n and smallest C, W = 2 vectors + 3
+    ((3, 11, 21, 33), 4, 1),     # C = 33 (not a multiple of anything), batch 3
+    ((1, 15, 23, 32), 10, 1),    # n = 10: K = 21 in two accumulator groups, window wider than the image
+    ((2, 27, 33, 3), 20, 2),     # FlowNetC's stride 2 through the pixel phases, odd sizes (uneven phases)
+])
+def test_values_and_gradients_match_numpy_and_the_jnp_paths(shape, md, stride):
+  f1, f2 = _features(shape, 61 + shape[-1])
+  g = _cotangent(shape, md, stride, 62)
+  ours = _grads("ffi", f1, f2, g, md, stride)
+  e1, e2 = _numpy_adjoint(f1, f2, g, md, stride)
+  np.testing.assert_allclose(ours[0], numpy_correlation(f1, f2, md, stride), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours[1], e1, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ours[2], e2, rtol=1e-4, atol=1e-5)
+  for impl in ("scan", "tiled_gather"):  # float32 sums in other orders (up to 441 terms: FlowNetC's window)
+    for a, r in zip(ours, _grads(impl, f1, f2, g, md, stride)):
+      np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5, err_msg=impl)
+
+
+def test_exact_on_a_constructed_input():
+  # f1 = 1 everywhere, f2 = the column index + 1 on every channel: out(y, x, i, j) = x + j - n + 1 where
+  # y + i - n and x + j - n lie inside the image, else 0 (integers: exact in float32).
+  b, h, w, c, n = 1, 5, 12, 4, 2
+  k = 2 * n + 1
+  f1 = np.ones((b, h, w, c), np.float32)
+  f2 = np.broadcast_to((np.arange(w, dtype=np.float32) + 1)[None, None, :, None], (b, h, w, c)).copy()
+  out = np.asarray(correlation(f1, f2, n, impl="ffi")).reshape(b, h, w, k, k)
+  for y in range(h):
+    for x in range(w):
+      for i in range(k):
+        for j in range(k):
+          inside = 0 <= y + i - n < h and 0 <= x + j - n < w
+          assert out[0, y, x, i, j] == ((x + j - n + 1) if inside else 0.0)
+
+
+def test_the_kernel_is_what_tiled_means_on_cpu():
+  f1, f2 = _features((2, 12, 16, 8), 63)
+  hlo = lambda impl: jax.jit(lambda a, b: correlation(a, b, 4, impl=impl)).lower(f1, f2).as_text()
+  assert correlation_ffi.TARGET_FWD in hlo("tiled") and correlation_ffi.TARGET_FWD in hlo("ffi")
+  assert correlation_ffi.TARGET_FWD not in hlo("tiled_gather")
+  grad_hlo = jax.jit(jax.grad(lambda a, b: jnp.sum(correlation(a, b, 4)), argnums=(0, 1))).lower(f1, f2).as_text()
+  assert correlation_ffi.TARGET_BWD in grad_hlo
+
+
+def test_bfloat16_inputs_float32_products_and_input_dtype_gradients():
+  shape, md = (2, 11, 13, 24), 4
+  f1, f2 = _features(shape, 64)
+  b1, b2 = jnp.asarray(f1, jnp.bfloat16), jnp.asarray(f2, jnp.bfloat16)
+  out = correlation(b1, b2, md, impl="ffi")
+  assert out.dtype == jnp.float32
+  exact = numpy_correlation(np.asarray(b1.astype(jnp.float32)), np.asarray(b2.astype(jnp.float32)), md, 1)
+  np.testing.assert_allclose(np.asarray(out), exact, rtol=1e-5, atol=1e-6)
+  loss = lambda impl: jax.jit(jax.grad(lambda a, b: jnp.sum(correlation(a, b, md, impl=impl) ** 2), argnums=(0, 1)))
+  for a, r in zip(loss("ffi")(b1, b2), loss("tiled_gather")(b1, b2)):
+    assert a.dtype == jnp.bfloat16
+    # Both round the same float32 gradient to bfloat16; float32 summation order may flip a rounding.
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r, np.float32), rtol=1e-2, atol=1e-3)
+
+
+def test_float64_keeps_the_jnp_path():
+  with jax.enable_x64(True):
+    f1, f2 = (jnp.asarray(x, jnp.float64) for x in _features((1, 6, 7, 3), 65))
+    out = correlation(f1, f2, 2, impl="ffi")
+    assert out.dtype == jnp.float64
+    assert correlation_ffi.TARGET_FWD not in jax.jit(lambda a, b: correlation(a, b, 2, impl="ffi")).lower(f1, f2).as_text()
+    np.testing.assert_allclose(np.asarray(out), numpy_correlation(np.asarray(f1), np.asarray(f2), 2, 1), rtol=1e-12)
+
+
+def test_vmap_jit_and_grad_agree_with_the_batched_call():
+  shape, md = (2, 3, 9, 10, 5), 3   # vmap over 2, inner batch 3
+  f1, f2 = _features(shape[1:], 66)
+  f1 = np.stack([f1, f1[::-1]]); f2 = np.stack([f2, -f2])
+  fn = lambda a, b: correlation(a, b, md, impl="ffi")
+  vm = jax.jit(jax.vmap(fn))(f1, f2)
+  for v in range(2):
+    np.testing.assert_allclose(np.asarray(vm[v]), numpy_correlation(f1[v], f2[v], md, 1), rtol=1e-5, atol=1e-6)
+  loss = lambda a, b: jnp.sum(jnp.sin(jax.vmap(fn)(a, b)))
+  gv = jax.jit(jax.grad(loss, argnums=(0, 1)))(f1, f2)
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  gf = jax.grad(lambda a, b: jnp.sum(jnp.sin(correlation(a, b, md, impl="tiled_gather"))), argnums=(0, 1))(
+      flat(f1), flat(f2))
+  for a, r in zip(gv, gf):
+    np.testing.assert_allclose(np.asarray(flat(a)), np.asarray(r), rtol=1e-5, atol=2e-6)
+
+
+def test_shard_map_over_two_devices():
+  assert len(jax.devices()) >= 2, "tests/conftest.py should simulate 2 CPU devices"
+  mesh = jax.make_mesh((2,), ("data",))
+  shape, md = (4, 10, 12, 7), 4
+  f1, f2 = _features(shape, 67)
+  spec = jax.P("data")
+  sharded = jax.jit(jax.shard_map(lambda a, b: correlation(a, b, md, impl="ffi"), mesh=mesh, in_specs=(spec, spec),
+                                  out_specs=spec))
+  sharding = jax.NamedSharding(mesh, spec)
+  s1, s2 = jax.device_put(f1, sharding), jax.device_put(f2, sharding)
+  out = sharded(s1, s2)
+  assert len(out.sharding.device_set) == 2
+  np.testing.assert_allclose(np.asarray(out), numpy_correlation(f1, f2, md, 1), rtol=1e-5, atol=1e-6)
+  loss = lambda fn: (lambda a, b: jnp.sum(fn(a, b) ** 2))
+  with jax.set_mesh(mesh):
+    g_sharded = jax.jit(jax.grad(loss(sharded), argnums=(0, 1)))(s1, s2)
+  g_single = jax.grad(loss(lambda a, b: correlation(a, b, md, impl="tiled_gather")), argnums=(0, 1))(f1, f2)
+  for a, r in zip(g_sharded, g_single):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-6)
+
+
+def test_small_pwcnet_jitted_grad_equals_the_jnp_path(monkeypatch):
+  from jaxflow.models import get_model
+  model = get_model("pwcnet", search_range=4, pyramid_channels=(8, 16), estimator_channels=(16, 16, 8),
+                    context_channels=(16, 8), context_dilations=(1, 2))
+  rng = np.random.default_rng(8)
+  im1, im2 = (jnp.asarray(rng.random((2, 64, 64, 3), np.float32)) for _ in range(2))
+  variables = model.init(jax.random.key(0), im1, im2)
+
+  def loss(params):
+    flows = model.apply({**variables, "params": params}, im1, im2)["flows"]
+    return sum(jnp.mean(jnp.square(f - 0.3)) for f in flows)
+
+  def run(kernel: bool):
+    jax.clear_caches()
+    step = jax.jit(jax.value_and_grad(loss))
+    assert (correlation_ffi.TARGET_BWD in step.lower(variables["params"]).as_text()) == kernel
+    return step(variables["params"])
+
+  value, grads = run(True)
+  monkeypatch.setattr(_corr_mod, "_CPU_TILED", "tiled_gather")
+  ref_value, ref_grads = run(False)
+  jax.clear_caches()
+  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+  for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    scale = float(np.max(np.abs(np.asarray(r)))) + 1e-12
+    np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(r) / scale, atol=2e-4)
+
+
+@pytest.fixture
+def fresh_kernel_state(monkeypatch, tmp_path):
+  """The module as in a new process (nothing registered or tried yet), with an empty kernel cache; restored after."""
+  monkeypatch.setattr(correlation_ffi, "_status", None)
+  monkeypatch.setattr(correlation_ffi, "_builder", None)
+  monkeypatch.setattr(correlation_ffi, "_compiler_version", {})
+  monkeypatch.setenv(correlation_ffi.ENV_CACHE, str(tmp_path / "kernels"))
+  return tmp_path
+
+
+def _fallback_equals_jnp():
+  f1, f2 = _features((1, 9, 10, 6), 69)
+  g = _cotangent(f1.shape, 3, 1, 70)
+  jax.clear_caches()
+  got = _grads("ffi", f1, f2, g, 3, 1)
+  hlo = jax.jit(lambda a, b: correlation(a, b, 3)).lower(f1, f2).as_text()
+  assert correlation_ffi.TARGET_FWD not in hlo
+  for a, r in zip(got, _grads("tiled_gather", f1, f2, g, 3, 1)):
+    np.testing.assert_array_equal(a, r)
+  jax.clear_caches()
+
+
+def test_missing_compiler_warns_once_and_uses_jnp(fresh_kernel_state, monkeypatch):
+  monkeypatch.setenv("CXX", "jaxflow-no-such-compiler++")
+  with pytest.warns(RuntimeWarning, match="jaxflow-no-such-compiler\\+\\+.*could not be run"):
+    assert correlation_ffi.available() is False
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no second warning
+    assert correlation_ffi.available() is False and correlation_ffi.state() == "jnp"
+    assert correlation_ffi.light_state() == "ffi-pending"
+    _fallback_equals_jnp()
+
+
+def test_failing_build_warns_with_the_command_and_stderr(fresh_kernel_state, monkeypatch):
+  fake = fresh_kernel_state / "fakecc"
+  fake.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "fakecc 0.1"; exit 0; fi\n'
+                  'echo "fakecc: error: this compiler builds nothing" >&2\nexit 3\n')
+  fake.chmod(0o755)
+  monkeypatch.setenv("CXX", str(fake))
+  with pytest.warns(RuntimeWarning, match="(?s)fakecc.*correlation.cc.*exited with 3.*builds nothing"):
+    assert correlation_ffi.available() is False
+  assert not [p for p in os.listdir(fresh_kernel_state / "kernels") if p.endswith(".so")]  # no partial library
+  _fallback_equals_jnp()
+
+
+def test_switched_off_builds_nothing(fresh_kernel_state, monkeypatch):
+  monkeypatch.setenv(correlation_ffi.ENV_SWITCH, "0")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert correlation_ffi.available() is False
+    assert correlation_ffi.state() == "jnp" and correlation_ffi.light_state() == "jnp"
+  assert not os.path.exists(fresh_kernel_state / "kernels")
+
+
+def test_library_name_keys_source_compiler_jaxlib_and_cpu(monkeypatch):
+  base = correlation_ffi.library_path()
+  assert os.path.basename(base).startswith("correlation-") and base.endswith(".so")
+  monkeypatch.setattr(correlation_ffi, "_cpu_id", lambda: "x86_64|another CPU|avx2 fma")
+  assert correlation_ffi.library_path() != base
+  monkeypatch.undo()
+  monkeypatch.setitem(correlation_ffi._compiler_version, " ".join(correlation_ffi.compiler()), "c++ 99.0")
+  assert correlation_ffi.library_path() != base
+  monkeypatch.undo()
+  assert correlation_ffi.library_path() == base
+
+
+_WARM = textwrap.dedent("""
+    import sys
+    import jax
+    from jaxflow import exec_cache                       # registers a built kernel before the load below
+    pending = exec_cache.prefetch("corr", {"t": "ffi"}, sys.argv[1])
+    import jax.numpy as jnp
+    import numpy as np
+    from jaxflow.ops import correlation
+    f = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(correlation(a, b, 4))), argnums=(0, 1)))
+    fn = exec_cache.CachedFunction(f, "corr", {"t": "ffi"}, sys.argv[1], prefetched=pending, log=lambda m: None)
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.normal(size=(2, 16, 24, 8)).astype(np.float32)) for _ in range(2))
+    value, (g1, g2) = fn(a, b)
+    print("RESULT", fn.hit, "ffi" in exec_cache.environment()["correlation_kernel"], repr(float(value)),
+          repr(float(jnp.sum(g1 * g1) + jnp.sum(g2))))
+""")
+
+
+def test_warm_start_loads_an_executable_that_calls_the_kernel(tmp_path):
+  # Three fresh processes sharing an executable cache: the first compiles and stores, the second loads it in the
+  # background (the kernel registered before the load) and gets the same numbers; one with the kernel switched
+  # off has another key (never loads the executable that calls the kernel) and gets the jnp path's numbers.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+  def run(**extra):
+    proc = subprocess.run([sys.executable, "-c", _WARM, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**env, **extra})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1].split()
+    return line[1] == "True", line[2] == "True", float(line[3]), float(line[4])
+
+  first, second = run(), run()
+  assert first[:2] == (False, True) and second[:2] == (True, True)
+  assert first[2:] == second[2:]
+  off = run(**{correlation_ffi.ENV_SWITCH: "0"})
+  assert off[:2] == (False, False)
+  np.testing.assert_allclose(off[2:], first[2:], rtol=1e-5)
