@@ -123,6 +123,7 @@ def test_blocked_weight_grad_over_many_blocks_matches_lax(padding, d, mode, monk
   """Several blocks per image (block size lowered to 2-3 rows) and asymmetric padding: the blocked and the
   split weight gradients equal lax autodiff's."""
   monkeypatch.setattr(conv_ops, "_BLOCK_POSITIONS", 30)
+  monkeypatch.setattr(conv_ops, "_WHOLE_SPLIT_BYTES", 0)  # 'split' loops over the blocks however small
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(3, 9, 11, 5)), jnp.float32)  # rows per block: 1 (9 = 3 * 3, 3 * 11 > 30)
   x2 = jnp.asarray(rng.normal(size=(2, 8, 10, 5)), jnp.float32)  # rows per block: 2
@@ -157,12 +158,26 @@ def test_split_weight_grad_gather_equals_slices(padding, d, monkeypatch):
   y, vjp = jax.vjp(f, wt)
   g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
   got = {}
+  monkeypatch.setattr(conv_ops, "_WHOLE_SPLIT_BYTES", 0)  # the loop over blocks
   for gather in (True, False):
     monkeypatch.setattr(conv_ops, "_GATHER_TAPS", gather)
     got[gather] = np.asarray(conv_ops._weight_grad_stride1([x[..., :2], x[..., 2:]], g, wt.shape, padding, (d, d),
                                                            "split", jnp.float32))
   np.testing.assert_array_equal(got[True], got[False])
   np.testing.assert_allclose(got[True], np.asarray(vjp(g)[0]), rtol=2e-5, atol=2e-4)
+  # Small enough for one gather over all images and no loop (the default's threshold): lax's gradient too, and
+  # per part; the loop is not traced (no scan in the program).
+  monkeypatch.setattr(conv_ops, "_GATHER_TAPS", True)
+  monkeypatch.setattr(conv_ops, "_WHOLE_SPLIT_BYTES", conv_ops.WHOLE_SPLIT_BYTES)
+  whole = lambda g_: conv_ops._weight_grad_stride1([x[..., :2], x[..., 2:]], g_, wt.shape, padding, (d, d), "split",
+                                                   jnp.float32)
+  assert "scan" not in str(jax.make_jaxpr(whole)(g)) and "scan" in str(jax.make_jaxpr(
+      lambda g_: conv_ops._split_blocks([x], jnp.pad(g_, ((0, 0), (7, 7), (0, 0), (0, 0))), None, None, (7, 7, 3),
+                                        (7, 0, 3, 3), (1, 1), 5, jnp.float32))(g))
+  np.testing.assert_allclose(np.asarray(whole(g)), np.asarray(vjp(g)[0]), rtol=2e-5, atol=2e-4)
+  # (N * H * Wo positions) x (kw * C_in + kh * C_out) float32: one byte too few for the whole arrays.
+  monkeypatch.setattr(conv_ops, "_WHOLE_SPLIT_BYTES", 2 * 10 * g.shape[2] * (7 * 5 + 7 * 3) * 4 - 1)
+  assert "scan" in str(jax.make_jaxpr(lambda g_: whole(g_))(g))  # a new function: traced again
 
 
 def test_bfloat16_gradient_dtype_and_value():
@@ -336,6 +351,44 @@ def test_conv2d_im2col_values_and_grads(xs, ws, s, padding, d):
   (gx, gw), (rx, rw) = loss(lambda a, b: conv_ops.conv2d_im2col(a, b, s, padding, d))(x, wt), loss(ref)(x, wt)
   np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("xs,ws,s,padding,d", IM2COL_CASES)
+def test_conv2d_im2col_gathered_patches_equal_the_sliced_ones(xs, ws, s, padding, d, monkeypatch):
+  """The patch matrix by one gather (the default) and by a strided slice per tap: bitwise the same values and
+  (x, w) gradients (the same elements are copied; the backward pass is the slices' in both)."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=xs), jnp.float32)
+  wt = jnp.asarray(rng.normal(size=ws) * 0.3, jnp.float32)
+  got = {}
+  for gather in (True, False):
+    monkeypatch.setattr(conv_ops, "_GATHER_PATCHES", gather)
+    jaxpr = str(jax.make_jaxpr(lambda a: conv_ops.conv2d_im2col(a, wt, s, padding, d))(x))
+    assert ("gather" in jaxpr) == gather
+    f = jax.jit(jax.value_and_grad(lambda x_, w_: jnp.sum(jnp.sin(conv_ops.conv2d_im2col(x_, w_, s, padding, d))),
+                                   (0, 1)))
+    got[gather] = jax.tree.map(np.asarray, f(x, wt))
+  jax.tree.map(np.testing.assert_array_equal, got[True], got[False])
+
+
+def test_concat_weight_grad_gathered_windows_equal_the_sliced_ones(monkeypatch):
+  """Mode 'concat' (few output channels) takes the K shifted output-gradient windows by one gather or by a slice
+  per tap: bitwise the same weight gradient, for a dilated asymmetric padding and for channel parts."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(2, 9, 11, 6)), jnp.float32)
+  for padding, d in ((((1, 1), (1, 1)), 1), (((3, 2), (4, 1)), 2)):
+    ho, wo = 9 + sum(padding[0]) - 2 * d, 11 + sum(padding[1]) - 2 * d
+    g = jnp.asarray(rng.normal(size=(2, ho, wo, 2)), jnp.float32)
+    got = {}
+    for gather in (True, False):
+      monkeypatch.setattr(conv_ops, "_GATHER_PATCHES", gather)
+      got[gather] = [np.asarray(conv_ops._weight_grad_stride1(xs, g, (3, 3, 6, 2), padding, (d, d), "concat",
+                                                              jnp.float32)) for xs in ([x], [x[..., :4], x[..., 4:]])]
+    for a, b in zip(got[True], got[False]):
+      np.testing.assert_array_equal(a, b)
+    ref = jax.vjp(lambda w_: lax.conv_general_dilated(x, w_, (1, 1), padding, rhs_dilation=(d, d),
+                                                      dimension_numbers=DN), jnp.zeros((3, 3, 6, 2)))[1](g)[0]
+    np.testing.assert_allclose(got[True][0], np.asarray(ref), rtol=2e-5, atol=2e-4)
 
 
 def test_conv2d_takes_the_patch_product_only_for_few_positions_and_many_channels(monkeypatch):

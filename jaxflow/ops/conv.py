@@ -214,7 +214,15 @@ def _weight_grad_stride1(x: jax.Array | Sequence[jax.Array], g: jax.Array, kerne
   if mode == "blocked":
     return _weight_grad_blocked(xs, gp, offsets, (kh, kw), cout, acc)
   if mode == "concat":
-    gs = jnp.concatenate([shifted(oy, ox) for oy, ox in offsets], axis=-1)  # (L, K * C_out)
+    if _GATHER_PATCHES:
+      # The K shifted windows by one gather (one kernel; K slices and their concatenation compiled to K + 1):
+      # flat indices into each image's padded g, (H, W, K) in row-major order, the same for every image.
+      wp = gp.shape[2]
+      yy, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+      idx = np.stack([(yy + oy) * wp + cc + ox for oy, ox in offsets], -1).reshape(-1).astype(np.int32)
+      gs = jnp.take(gp.reshape(n, -1, cout), idx, axis=1, mode="clip").reshape(n * h * w, len(offsets) * cout)
+    else:
+      gs = jnp.concatenate([shifted(oy, ox) for oy, ox in offsets], axis=-1)  # (L, K * C_out)
     dw = jnp.concatenate([lax.dot_general(p.reshape(n * h * w, p.shape[-1]), gs, contract,
                                           preferred_element_type=acc) for p in xs], axis=0)
     return jnp.transpose(dw.reshape(cin, kh, kw, cout), (1, 2, 0, 3))
@@ -291,7 +299,9 @@ def _weight_grad_split(xs: Sequence[jax.Array], g: jax.Array, kernel_shape: Sequ
   position kw * C_in + kh * C_out values are copied, against kh * kw * C_out for 'blocked' (SpyNet's 7x7
   32 -> 64: 672 against 3,136), and the product is near square (224 x 448 instead of 32 x 3,136). Rows of x
   in the padded border are zero and are left out. As in 'blocked', the positions run in blocks of R whole rows
-  (R * Wo <= _BLOCK_POSITIONS) accumulated by a scan, so neither shifted array exists beyond one block.
+  (R * Wo <= _BLOCK_POSITIONS) accumulated by a scan, so neither shifted array exists beyond one block;
+  except where both whole arrays fit in _WHOLE_SPLIT_BYTES: then they are built for all images at once and
+  multiplied once, without a loop (fewer kernels to compile).
 
   xs: the input's channel parts (N, H, W, C_p); g (N, Ho, Wo, C_out). Returns (kh, kw, sum C_p, C_out) in acc.
   """
@@ -303,25 +313,50 @@ def _weight_grad_split(xs: Sequence[jax.Array], g: jax.Array, kernel_shape: Sequ
   # Rows of g read by block rows [r, r + R) and tap i: [r + top - dy*i, ...); padded so every window is inside.
   lo = max(0, dy * (kh - 1) - top)
   gp = jnp.pad(g, ((0, 0), (lo, max(0, h + top - ho)), (0, 0), (0, 0)))
-  rows = _block_rows(h, wo)
+  whole = _GATHER_TAPS and n * h * wo * (kw * sum(p.shape[-1] for p in xs) + kh * cout) * 4 <= _WHOLE_SPLIT_BYTES
+  rows = h if whole else _block_rows(h, wo)
   per_image = h // rows
   if _GATHER_TAPS:
     # Each block's shifted matrices as one gather per operand (one kernel instead of a slice per tap: XLA:CPU
     # compiles every slice as its own kernel, ~40 CPU-ms each). Flat row indices for block row 0, shape
     # (rows, Wo, taps); the block at row r adds r * (row length). x's columns outside [0, W) read index
     # `beyond`, past the end even after the offset, which mode 'fill' turns into zeros.
-    hg = gp.shape[1]
-    gflat = gp.reshape(n, hg * wo, cout)
     yy, cc = np.meshgrid(np.arange(rows), np.arange(wo), indexing="ij")
     g_idx = np.stack([(yy + lo + top - dy * i) * wo + cc for i in range(kh)], -1).reshape(-1).astype(np.int32)
     beyond = 2 * h * w
     cols = np.stack([cc + dx * j - left for j in range(kw)], -1)
     x_idx = np.where((cols >= 0) & (cols < w), yy[..., None] * w + cols, beyond).reshape(-1).astype(np.int32)
+  if whole:
+    # Small problems: every image's matrices by one gather per operand and one product per part, no loop over
+    # blocks (a scan's counter, condition and accumulator are kernels of their own: 4 per convolution).
+    gh = jnp.take(gp.reshape(n, -1, cout), g_idx, axis=1, mode="clip").reshape(n * h * wo, kh * cout)
+    totals = [lax.dot_general(jnp.take(p.reshape(n, h * w, p.shape[-1]), x_idx, axis=1, mode="fill",
+                                       fill_value=0).reshape(n * h * wo, kw * p.shape[-1]), gh,
+                              (((0,), (0,)), ((), ())), preferred_element_type=acc) for p in xs]
+  else:
+    totals = _split_blocks(xs, gp, g_idx if _GATHER_TAPS else None, x_idx if _GATHER_TAPS else None,
+                           (kh, kw, cout), (lo, top, left, right), dilation, rows, acc)
+  # (kw, C_p, kh, C_out) per part -> (kh, kw, C_p, C_out), parts concatenated along C_in.
+  parts = [jnp.transpose(t.reshape(kw, p.shape[-1], kh, cout), (2, 0, 1, 3)) for t, p in zip(totals, xs)]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
+
+
+def _split_blocks(xs, gp, g_idx, x_idx, khw_cout, pads, dilation, rows, acc):
+  """`_weight_grad_split`'s products accumulated over blocks of `rows` image rows by a scan: per part the
+  (kw * C_p, kh * C_out) total. g_idx / x_idx: the block-row-0 gather indices (None: a slice per tap)."""
+  kh, kw, cout = khw_cout
+  lo, top, left, right = pads
+  dy, dx = dilation
+  n, h, w, _ = xs[0].shape
+  wo = gp.shape[2]
+  per_image = h // rows
+  if g_idx is not None:
+    gflat = gp.reshape(n, gp.shape[1] * wo, cout)
     xflats = [p.reshape(n, h * w, p.shape[-1]) for p in xs]
 
   def body(totals, k):
     b, r = k // per_image, (k % per_image) * rows
-    if _GATHER_TAPS:
+    if g_idx is not None:
       gh = jnp.take(lax.dynamic_index_in_dim(gflat, b, keepdims=False), g_idx + r * wo, axis=0,
                     mode="clip").reshape(rows * wo, kh * cout)
       xws = [jnp.take(lax.dynamic_index_in_dim(xf, b, keepdims=False), x_idx + r * w, axis=0, mode="fill",
@@ -340,9 +375,44 @@ def _weight_grad_split(xs: Sequence[jax.Array], g: jax.Array, kernel_shape: Sequ
 
   init = tuple(jnp.zeros((kw * p.shape[-1], kh * cout), acc) for p in xs)
   totals, _ = lax.scan(body, init, jnp.arange(n * per_image))
-  # (kw, C_p, kh, C_out) per part -> (kh, kw, C_p, C_out), parts concatenated along C_in.
-  parts = [jnp.transpose(t.reshape(kw, p.shape[-1], kh, cout), (2, 0, 1, 3)) for t, p in zip(totals, xs)]
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
+  return totals
+
+
+def _patches_sliced(xp: jax.Array, geometry) -> jax.Array:
+  """Patch matrix of the padded input xp (N, Hp, Wp, C) as kh * kw strided slices side by side: (N, Ho, Wo,
+  kh * kw * C), taps in row-major (i, j) order, channels fastest.
+  geometry: ((kh, kw), strides, dilation, (Ho, Wo), xp's shape (N, Hp, Wp, C)), hashable."""
+  (kh, kw), (sy, sx), (dy, dx), (ho, wo) = geometry[:4]
+  n, _, _, c = xp.shape
+  cols = [lax.slice(xp, (0, dy * i, dx * j, 0), (n, dy * i + sy * (ho - 1) + 1, dx * j + sx * (wo - 1) + 1, c),
+                    (1, sy, sx, 1)) for i in range(kh) for j in range(kw)]
+  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _patches_gather(xp: jax.Array, geometry) -> jax.Array:
+  """`_patches_sliced`'s values by one gather of precomputed flat indices (XLA:CPU compiles each of the kh * kw
+  slices as its own kernel, ~40 CPU-ms each; the gather is one). Its backward pass is the slices' own (pads and
+  adds, which XLA fuses into one kernel): autodiff of the gather would be a scatter-add, slow on XLA:CPU."""
+  (kh, kw), (sy, sx), (dy, dx), (ho, wo) = geometry[:4]
+  n, _, wp, c = xp.shape
+  yy, cc = np.meshgrid(np.arange(ho) * sy, np.arange(wo) * sx, indexing="ij")
+  idx = np.stack([(yy + dy * i) * wp + cc + dx * j for i in range(kh) for j in range(kw)], -1)
+  taps = jnp.take(xp.reshape(n, -1, c), idx.reshape(-1).astype(np.int32), axis=1, mode="clip")
+  return taps.reshape(n, ho, wo, kh * kw * c)
+
+
+def _patches_gather_fwd(xp, geometry):
+  return _patches_gather(xp, geometry), None
+
+
+def _patches_gather_bwd(geometry, _, g):
+  # The slices' transpose onto the padded input's shape geometry[4] (N, Hp, Wp, C).
+  return jax.linear_transpose(lambda a: _patches_sliced(a, geometry),
+                              jax.ShapeDtypeStruct(geometry[4], g.dtype))(g)
+
+
+_patches_gather.defvjp(_patches_gather_fwd, _patches_gather_bwd)
 
 
 def conv2d_im2col(x: jax.Array, w: jax.Array, strides: Sequence[int], padding: Sequence[tuple[int, int]],
@@ -362,9 +432,12 @@ def conv2d_im2col(x: jax.Array, w: jax.Array, strides: Sequence[int], padding: S
   (sy, sx), (dy, dx) = strides, dilation
   ho, wo = _out_size(h, *padding[0], kh, sy, dy), _out_size(wd, *padding[1], kw, sx, dx)
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  cols = [lax.slice(xp, (0, dy * i, dx * j, 0), (n, dy * i + sy * (ho - 1) + 1, dx * j + sx * (wo - 1) + 1, cin),
-                    (1, sy, sx, 1)) for i in range(kh) for j in range(kw)]
-  patches = (cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)).reshape(n * ho * wo, kh * kw * cin)
+  geometry = ((kh, kw), (sy, sx), (dy, dx), (ho, wo), tuple(xp.shape))
+  if _GATHER_PATCHES and kh * kw > 1:
+    patches = _patches_gather(xp, geometry)
+  else:
+    patches = _patches_sliced(xp, geometry)
+  patches = patches.reshape(n * ho * wo, kh * kw * cin)
   acc = jnp.result_type(jnp.float32, x.dtype, w.dtype)
   y = jnp.matmul(patches, w.reshape(kh * kw * cin, cout), preferred_element_type=acc)
   return y.astype(jnp.result_type(x.dtype, w.dtype)).reshape(n, ho, wo, cout)
@@ -517,6 +590,16 @@ _SPLIT = True
 # Whether 'split' and 'blocked' take each block's shifted windows by one gather per operand instead of a slice
 # per tap (benchmarks set False for session 5's slices).
 _GATHER_TAPS = True
+# Whether the patch matrix of `conv2d_im2col` (forward) and the 'concat' weight gradient's shifted output
+# gradients are one gather each instead of a slice per tap and a concatenation (benchmarks and tests set False
+# for session 8's slices). XLA:CPU compiled every slice as its own kernel: FlowNetS's train step had 59 + 40 of
+# them, ~40 CPU-ms of compile each (BENCHMARKS.md, session 9: cold start).
+_GATHER_PATCHES = True
+# The 'split' weight gradient without its scan over row blocks (one gather per operand over all images, one
+# product per part) when its two gathered matrices take at most this many bytes (float32): SpyNet's three coarse
+# levels at 128x128 b4 (up to 11 MB), 48 of its kernels (session 9). Benchmarks set 0 for the blocked loop.
+WHOLE_SPLIT_BYTES = 16 * 2**20
+_WHOLE_SPLIT_BYTES = WHOLE_SPLIT_BYTES
 
 
 # Whether float32 3x3 'same' stride-1 weight gradients may run by Winograd F(4x4, 3x3) (jaxflow.ops.winograd_wgrad;
