@@ -19,6 +19,12 @@ Top-level fields:
   init_from             workdir whose latest checkpoint initialises the parameters (fine-tuning, SpyNet stages)
   trainable_levels      SpyNet only: levels trained in this stage (others frozen); () = all
   spynet_copy_previous_level  SpyNet stages: with init_from, G_k (k = the trained level) starts as a copy of G_{k-1}
+  compiler_options      XLA compiler options of the train and evaluation steps' programs only (not process-wide
+                        like XLA_FLAGS): {option name: value as a string ('True' / 'False' for a bool)}; empty =
+                        XLA's defaults. PWC-Net's configs set one (configs/pwcnet.py). From the command line:
+                        --config.compiler_options.NAME=VALUE changes a given option, --config.compiler_options=
+                        "{'NAME': 'VALUE'}" replaces the set ({} = none). XLA rejecting a name or value is an error
+                        naming config.compiler_options.NAME (at the step's compile).
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ def base_config(model_name: str, **model_overrides: Any) -> ml_collections.Confi
   c.init_from = ""
   c.trainable_levels = ()
   c.spynet_copy_previous_level = False
+  c.compiler_options = ml_collections.ConfigDict()
   return c
 
 
@@ -177,6 +184,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     for key in ("dataset", "batch_size", "num_batches"):
       if key not in ev:
         raise ValueError(f"config.evals.{name} needs the key {key!r} (has {sorted(ev.keys())})")
+  for name, value in (c.get("compiler_options") or {}).items():
+    if not isinstance(value, (str, bool, int, float)) or not str(name).strip():
+      raise ValueError(f"config.compiler_options.{name}={value!r}: expected an XLA option name with a string value")
   from jaxflow.models import get_model
   get_model(c.model.name, **{k: v for k, v in c.model.items() if k != "name"})  # unknown model / field: ValueError
   if c.evals and c.best_metric and not any(c.best_metric.startswith(f"{n}/") for n in c.evals):

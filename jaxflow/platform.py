@@ -4,7 +4,8 @@ computation (XLA reads XLA_FLAGS when the backend initialises).
     from jaxflow import platform
     platform.configure()                        # persistent compilation cache in the default directory
     platform.configure(cache_dir=None)          # no persistent cache
-    platform.configure(cpu_flags={"xla_cpu_use_xnnpack": "true"})   # extra CPU-only XLA flags
+    platform.configure(cpu_flags={"xla_cpu_use_xnnpack": "true"})   # extra CPU-only XLA flags (process-wide)
+    jax.jit(f, compiler_options=platform.compiler_options({...}))    # XLA options of one program
 
 What it does:
   - Persistent compilation cache (`jax_compilation_cache_dir`): compiled executables (the train step, the init,
@@ -16,15 +17,14 @@ What it does:
     lowering too; disabling the compilation cache disables those as well. That subdirectory is bounded by
     $JAXFLOW_EXEC_CACHE_MAX_BYTES (default 2 GiB; least recently used entries are deleted first) and may be
     shared by concurrent processes; JAX's own cache directory is not bounded by jaxflow.
-  - XLA_FLAGS defaults (`DEFAULT_CPU_FLAGS`, plus the caller's `cpu_flags`): appended to the environment variable
-    only when the user has not set the same flag, only before the backend is initialised, and only when the
-    platform will be the CPU (JAX_PLATFORMS empty or 'cpu'), so accelerators never receive CPU flags.
-    DEFAULT_CPU_FLAGS is empty: none of the XLA:CPU runtime options of jaxlib 0.10.2 measured so far helps every
-    model. YNNPACK on convolutions only (`xla_cpu_experimental_ynn_fusion_type=individual_convolution`) shortened
-    PWC-Net's warm first execution (0.2-0.3 CPU-s) with an unchanged step, but slowed FlowNetC's step 6-24 % and
-    its compile ~25 % (BENCHMARKS.md, "Session 8: warm start"); XNNPACK / oneDNN, prefer vector width 512 and
-    XNN graph fusion gave no reproducible speed-up (experiments/benchmarks/conv_grad.py, issue #8). The CPU
-    speed-up comes from jaxflow.ops.conv.
+  - The caller's `cpu_flags`: appended to XLA_FLAGS only when the user has not set the same flag, only before the
+    backend is initialised, and only when the platform will be the CPU (JAX_PLATFORMS empty or 'cpu'), so
+    accelerators never receive CPU flags. There are no process-wide default flags: none of the XLA:CPU options of
+    jaxlib 0.10.2 measured so far helps every model (YNNPACK on convolutions only helps PWC-Net's warm start but
+    slowed FlowNetC's step 6-24 % and its compile ~25 %: BENCHMARKS.md, "Session 8: warm start"; XNNPACK /
+    oneDNN, prefer vector width 512 and XNN graph fusion gave no reproducible speed-up, issue #8). An option for
+    one model's programs goes into its config's `compiler_options` (per program, `compiler_options()` below).
+    The CPU speed-up comes from jaxflow.ops.conv.
 
 The convolution-gradient implementation is chosen per backend by jaxflow.ops.conv (matmul weight gradients on
 CPU, XLA's own on GPU/TPU); `conv_impl` here overrides it process-wide.
@@ -38,8 +38,6 @@ from typing import Any, Mapping
 import jax
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxflow", "xla")
-# XLA:CPU flags configure() adds unless told not to (see the module docstring): none at present.
-DEFAULT_CPU_FLAGS: dict[str, str] = {}
 _UNSET = object()
 
 
@@ -75,19 +73,19 @@ def configure(cache_dir: Any = _UNSET, *, min_compile_time_secs: float = 1.0,
     cpu_flags: XLA flags (name without dashes -> value) added to XLA_FLAGS when the platform is the CPU and
       the backend is not yet initialised; flags the user already set win.
     conv_impl: 'auto' | 'lax' | 'matmul' (see jaxflow.ops.conv.set_default_impl); None keeps the current.
-    default_cpu_flags: also add DEFAULT_CPU_FLAGS (under the same conditions as cpu_flags; cpu_flags and the
-      user's XLA_FLAGS win over them).
+    default_cpu_flags: no effect (there are no default CPU flags any more); accepted only until
+      experiments/benchmarks/cost_volume.py's --no-default-flags, its last caller, is removed.
   Returns:
     What was applied: {'cache_dir': str | None, 'xla_flags': str, 'flags_applied': bool (cpu_flags),
-    'default_flags_applied': bool, 'conv_impl': str}.
+    'conv_impl': str}.
   """
   if cache_dir is _UNSET:
     cache_dir = os.environ.get("JAXFLOW_COMPILATION_CACHE", DEFAULT_CACHE_DIR)
-  flags_applied = default_flags_applied = False
-  flags = {**(DEFAULT_CPU_FLAGS if default_cpu_flags else {}), **(cpu_flags or {})}
-  if flags and not _backend_initialized() and _cpu_platform():
-    os.environ["XLA_FLAGS"] = merge_xla_flags(os.environ.get("XLA_FLAGS", ""), flags)
-    flags_applied, default_flags_applied = bool(cpu_flags), bool(default_cpu_flags and DEFAULT_CPU_FLAGS)
+  del default_cpu_flags
+  flags_applied = False
+  if cpu_flags and not _backend_initialized() and _cpu_platform():
+    os.environ["XLA_FLAGS"] = merge_xla_flags(os.environ.get("XLA_FLAGS", ""), cpu_flags)
+    flags_applied = True
   if cache_dir:
     cache_dir = os.path.abspath(os.path.expanduser(str(cache_dir)))
     os.makedirs(cache_dir, exist_ok=True)
@@ -98,8 +96,29 @@ def configure(cache_dir: Any = _UNSET, *, min_compile_time_secs: float = 1.0,
   if conv_impl is not None:
     conv_ops.set_default_impl(conv_impl)
   return {"cache_dir": cache_dir or None, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "flags_applied": flags_applied, "default_flags_applied": default_flags_applied,
-          "conv_impl": conv_ops.get_default_impl()}
+          "flags_applied": flags_applied, "conv_impl": conv_ops.get_default_impl()}
+
+
+def compiler_options(options: Mapping[str, Any] | None, prefix: str = "", *,
+                     cpu: bool | None = None) -> dict[str, Any] | None:
+  """Per-program XLA compiler options (for `jax.jit(..., compiler_options=)` / `Lowered.compile`) from a config's
+  {name: value} (strings from a command line): 'true' / 'false' in any case become bools (XLA rejects the
+  lower-case strings for a bool option), other strings, ints and floats stay; None when there are none.
+  Options named `xla_cpu_*` are kept only when the programs run on the CPU (`cpu`; default: JAX_PLATFORMS is
+  empty or starts with 'cpu'), so an accelerator never receives them.
+  A value of another type is a ValueError naming `prefix` + the option's name. Whether XLA knows the name and
+  the value is checked at the compile (jaxflow.exec_cache names the option it rejects)."""
+  if cpu is None:
+    cpu = _cpu_platform()
+  out: dict[str, Any] = {}
+  for name, value in (options or {}).items():
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+      value = value.lower() == "true"
+    elif not isinstance(value, (str, bool, int, float)):
+      raise ValueError(f"{prefix}{name}={value!r}: expected a string value (an XLA compiler option)")
+    if cpu or not str(name).startswith("xla_cpu_"):
+      out[str(name)] = value
+  return out or None
 
 
 def configure_from_flag(value: str | None, **kwargs: Any) -> dict[str, Any]:
@@ -112,4 +131,4 @@ def configure_from_flag(value: str | None, **kwargs: Any) -> dict[str, Any]:
   return configure(cache_dir=None if value.lower() in ("", "none") else value, **kwargs)
 
 
-__all__ = ["DEFAULT_CACHE_DIR", "DEFAULT_CPU_FLAGS", "configure", "configure_from_flag", "merge_xla_flags"]
+__all__ = ["DEFAULT_CACHE_DIR", "compiler_options", "configure", "configure_from_flag", "merge_xla_flags"]

@@ -4,6 +4,7 @@ command line and the sweep launcher apply and check overrides."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from experiments import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("flownet_s", "flownet_c", "spynet", "pwcnet")
+YNN = "xla_cpu_experimental_ynn_fusion_type"
+CONV_ONLY = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -193,3 +196,41 @@ def test_tensorflow_free_defaults_are_the_pipelines_defaults():
   c = flownet_s.get_config("chairs")
   assert c.data.synthetic.motion.to_json() == defaults.synthetic_config().motion.to_json()
   assert c.data.augment.to_json() == defaults.augment_config().to_json()
+
+
+_PARSE_FLAGS = r"""
+import json, sys
+from absl import flags
+import jaxflow.train  # defines --config and the trainer's other flags
+flags.FLAGS(["train"] + sys.argv[1:])
+from configs.common import check_config
+check_config(flags.FLAGS.config)
+print(json.dumps(flags.FLAGS.config.compiler_options.to_dict(), sort_keys=True))
+"""
+
+
+def _parsed_options(*args):
+  r = subprocess.run([sys.executable, "-c", _PARSE_FLAGS, *args], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_compiler_options_per_model_and_from_the_command_line():
+  from configs import flownet_c, flownet_s, pwcnet, spynet
+  from jaxflow import trainer
+  for module in (flownet_s, flownet_c, spynet):  # XLA's defaults (FlowNetC's step is slower without YNNPACK's dots)
+    for variant in common.VARIANTS:
+      assert trainer.compiler_options(module.get_config(variant)) is None
+  for variant in common.VARIANTS:  # PWC-Net: YNNPACK on its convolutions only (BENCHMARKS.md, session 9)
+    assert trainer.compiler_options(pwcnet.get_config(variant)) == {YNN: CONV_ONLY}
+  # A given option's value; the whole set replaced (new names), or emptied; a bad value type named at check time.
+  assert _parsed_options("--config=configs/pwcnet.py:local", f"--config.compiler_options.{YNN}=") == {YNN: ""}
+  assert _parsed_options("--config=configs/flownet_s.py:local",
+                         "--config.compiler_options={'xla_cpu_enable_fast_math': 'False'}") == \
+      {"xla_cpu_enable_fast_math": "False"}
+  assert _parsed_options("--config=configs/pwcnet.py:local", "--config.compiler_options={}") == {}
+  c = pwcnet.get_config("local")
+  c.compiler_options = {"xla_x": [1, 2]}
+  with pytest.raises(ValueError, match=r"config\.compiler_options\.xla_x=\[1, 2\]"):
+    common.check_config(c)
