@@ -50,6 +50,18 @@ def build_model(config: ml_collections.ConfigDict) -> Any:
   return get_model(config.model.name, **fields)
 
 
+OPTIONS_PREFIX = "config.compiler_options."
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """config.compiler_options as the XLA compiler options of the train / eval step (None when empty); see
+  platform.compiler_options (bools from 'True' / 'False'; `xla_cpu_*` options only on the CPU backend; a bad
+  value type is a ValueError naming the key)."""
+  from jaxflow import platform
+  return platform.compiler_options(config.get("compiler_options") or {}, OPTIONS_PREFIX,
+                                   cpu=jax.default_backend() == "cpu")
+
+
 def _tf_xla_cache() -> None:
   # Before TensorFlow's import (the first pipeline call, in the prefetch thread): TensorFlow keeps the input
   # pipeline's XLA-compiled renderer / augmentation beside JAX's compilation cache (data_pipelines.tf_cache).
@@ -272,7 +284,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     lookup_parts = {"model": config.model.to_json(sort_keys=True), "loss": config.loss.to_json(sort_keys=True),
                     "optim": config.optim.to_json(sort_keys=True), "total_steps": total_steps,
                     "trainable_levels": tuple(config.trainable_levels)}
-    step_prefetch = exec_cache.prefetch("train_step", lookup_parts, cache_dir)
+    # Per-program XLA options of the train and eval steps (config.compiler_options; PWC-Net's keep YNNPACK to
+    # the convolutions), part of the executable cache's key and of the pointer's name.
+    options = compiler_options(config)
+    step_prefetch = exec_cache.prefetch("train_step", lookup_parts, cache_dir, options)
     # A fresh run (nothing to resume) also starts the parameters' host draws in threads: the values of the tree
     # this config led to last, used only if the model's tree, rules and seed match (param_init).
     host_prefetch = param_init.prefetch_host_variables(lookup_parts, config.seed, cache_dir) if start is None \
@@ -312,15 +327,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
          f"({nproc} processes); global batch {config.batch_size}; steps {start} -> {total_steps}")
 
     train_step = jax.jit(steps.make_train_step(model, tx, loss_fn), in_shardings=(state_sharding, dshard),
-                         out_shardings=(state_sharding, rep), donate_argnums=0)
-    if cache_dir:
-      # Warm starts load the compiled step from disk (no tracing): keyed by cache_parts, the argument signature
-      # and the jaxflow sources (jaxflow.exec_cache); off without a compilation cache dir and for injected models
-      # / losses (their code is not hashed).
-      train_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir,
-                                             prefetched=step_prefetch, lookup_parts=lookup_parts)
+                         out_shardings=(state_sharding, rep), donate_argnums=0, compiler_options=options)
+    # Warm starts load the compiled step from disk (no tracing): keyed by cache_parts, the argument signature,
+    # the options and the jaxflow sources (jaxflow.exec_cache); off without a compilation cache dir and for
+    # injected models / losses (their code is not hashed): then it only compiles (an option XLA rejects is an
+    # error naming config.compiler_options.<name>).
+    train_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir, options,
+                                           prefetched=step_prefetch, lookup_parts=lookup_parts,
+                                           options_prefix=OPTIONS_PREFIX)
     eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(state_sharding, dshard),
-                        out_shardings=(rep, dshard))
+                        out_shardings=(rep, dshard), compiler_options=options)
   except BaseException:
     prefetch.close()
     ckpt.close()

@@ -128,8 +128,24 @@ def test_no_cache_dir_compiles_and_writes_nothing(tmp_path):
   assert fn.hit is False and fn.key is None and not os.listdir(tmp_path)
 
 
-def test_persistent_cache_hit_is_not_stored(tmp_path):
-  """An executable loaded from JAX's own persistent cache does not serialize again on XLA:CPU: not stored."""
+_LOAD_AND_RUN = r"""
+import os, sys
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax, jax.numpy as jnp, numpy as np
+from jaxflow import exec_cache
+jax.config.update("jax_compilation_cache_dir", None)   # nothing may come from JAX's own cache here
+x = jnp.asarray(np.load(sys.argv[2]))
+y = jnp.asarray(np.load(sys.argv[3]))
+np.save(sys.argv[4], np.asarray(exec_cache.load(sys.argv[1])(x, y)["out"]))
+"""
+
+
+def test_persistent_cache_hit_is_stored_from_the_persistent_entry(tmp_path):
+  """A program JAX's persistent cache already holds (the HLO compiled before, e.g. before a jaxflow source edit)
+  is stored from the persistent entry's bytes: a fresh process loads it and computes the same (an executable
+  JAX loaded from its cache does not serialize again on XLA:CPU; before, such a start was never stored)."""
+  import subprocess
+  import sys
   assert jax.config.jax_compilation_cache_dir  # set by train_helpers
   before = jax.config.jax_persistent_cache_min_compile_time_secs
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -138,16 +154,23 @@ def test_persistent_cache_hit_is_not_stored(tmp_path):
     g = lambda x, y: {"out": jnp.tanh(x @ y) * unique}
     x, y = _args()
     fresh, _ = _cached(tmp_path / "a", jitted=jax.jit(g))
-    ref = fresh(x, y)
-    assert os.listdir(tmp_path / "a")
+    ref = np.asarray(fresh(x, y)["out"])
     jax.clear_caches()  # the next compile must come from the persistent cache, not from this process's memory
     again, logs = _cached(tmp_path / "b", jitted=jax.jit(g))
-    out = again(x, y)
-    assert again.hit is False and any("not stored" in m for m in logs) and not (tmp_path / "b").exists()
-    np.testing.assert_array_equal(np.asarray(out["out"]), np.asarray(ref["out"]))
-    loaded, _ = _cached(tmp_path / "a", jitted=jax.jit(g))  # the freshly compiled entry loads and runs
-    np.testing.assert_array_equal(np.asarray(loaded(x, y)["out"]), np.asarray(ref["out"]))
+    np.testing.assert_array_equal(np.asarray(again(x, y)["out"]), ref)
+    assert again.hit is False and not any("not stored" in m for m in logs)
+    (entry,) = [p for p in os.listdir(tmp_path / "b") if p.endswith(".jaxexec")]
+    loaded, _ = _cached(tmp_path / "b", jitted=jax.jit(g))  # in this process
+    np.testing.assert_array_equal(np.asarray(loaded(x, y)["out"]), ref)
     assert loaded.hit is True
+    np.save(tmp_path / "x.npy", np.asarray(x))
+    np.save(tmp_path / "y.npy", np.asarray(y))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(tmp_path / "b" / entry), str(tmp_path / "x.npy"),
+                          str(tmp_path / "y.npy"), str(tmp_path / "out.npy")], capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root), timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), ref)
   finally:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
 

@@ -197,3 +197,59 @@ def test_trainable_levels_rejected_for_other_models(tmp_path):
 def test_init_from_missing_checkpoint_is_an_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="init_from"):
     th.run(th.tiny_config(init_from=str(tmp_path / "nothing")), str(tmp_path / "x"))
+
+
+YNN = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def test_compiler_options_reach_the_step_and_a_warm_start_loads_it(tmp_path, monkeypatch, capsys):
+  """config.compiler_options go to the train step's compile (and its executable-cache key); a second start of the
+  same config loads that executable instead of compiling, and trains to the same parameters."""
+  from jaxflow import exec_cache, models
+  models.list_models()
+  monkeypatch.setitem(models._REGISTRY, "tiny_test", th.TinyFlow)  # registered: the trainer's exec cache is on
+  old_dir = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))  # a fresh executable cache
+  compiled_with = []
+  real_compile = exec_cache._compile
+  monkeypatch.setattr(exec_cache, "_compile",
+                      lambda lowered, options, prefix="": compiled_with.append(options) or
+                      real_compile(lowered, options, prefix))
+  try:
+    config = th.tiny_config(total_steps=2, compiler_options={YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"})
+    kw = dict(train_iter_fn=th.fake_train_iter, eval_iter_fn=th.fake_eval_iter)
+    cold = trainer.train_and_evaluate(config, str(tmp_path / "cold"), **kw)
+    assert {YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"} in compiled_with
+    entries = [p for p in os.listdir(tmp_path / "xla" / "jaxflow_executables") if p.startswith("train_step-")
+               and p.endswith(".jaxexec")]
+    assert len(entries) == 1
+    # The stored program is the one compiled with the option: the loss's reductions are not YNNPACK fusions.
+    stored = exec_cache.load(str(tmp_path / "xla" / "jaxflow_executables" / entries[0]))
+    assert "%ynn_fusion" not in stored.as_text()
+    capsys.readouterr()
+    compiled_with.clear()
+    warm = trainer.train_and_evaluate(config, str(tmp_path / "warm"), **kw)
+    out = capsys.readouterr().out
+    assert "train_step: loaded the compiled executable" in out and entries[0] in out
+    assert not any(o and YNN in o for o in compiled_with)  # the train step was not compiled again
+    _assert_params_equal(th.params_npz(warm["state"]), th.params_npz(cold["state"]))
+    # Without the option the key differs: a miss, and the default program hands the reductions to YNNPACK.
+    config.compiler_options = {}
+    trainer.train_and_evaluate(config, str(tmp_path / "default"), **kw)
+    entries_now = [p for p in os.listdir(tmp_path / "xla" / "jaxflow_executables") if p.startswith("train_step-")
+                   and p.endswith(".jaxexec")]
+    (other,) = set(entries_now) - set(entries)
+    assert "%ynn_fusion" in exec_cache.load(str(tmp_path / "xla" / "jaxflow_executables" / other)).as_text()
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old_dir)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"xla_bogus_option": "1"}, r"config\.compiler_options\.xla_bogus_option='1': XLA rejected .*No such compile"),
+    ({YNN: "individual_convolution"}, r"config\.compiler_options\.xla_cpu_experimental_ynn_fusion_type="
+                                      r"'individual_convolution': XLA rejected .*not a valid enum value"),
+])
+def test_an_option_xla_rejects_is_an_error_naming_the_key(tmp_path, options, match):
+  config = th.tiny_config(total_steps=1, compiler_options=options)
+  with pytest.raises(ValueError, match=match):
+    th.run(config, str(tmp_path))

@@ -21,7 +21,8 @@ cache. For each (part, option set), in one process:
 Parts (--parts): 'step' the whole train step; 'forward' model + loss (no gradient); 'grad' value_and_grad of the
 loss (forward + backward); 'update' the optimiser alone (tx.update + apply_updates + the step's keep-if-finite
 select) on given gradients, state donated; 'loss' the multiscale loss alone on given model outputs.
-Option sets (--options) are space-separated name=value XLA options, "" = defaults; --both-orders runs the list
+Option sets (--options) are space-separated name=value XLA options, "" = defaults, "config" = the model
+config's config.compiler_options (what the trainer compiles the step with); --both-orders runs the list
 forwards then backwards (medians over both runs per option set), so a drift of the machine's load hits all.
 --optimizer sets config.optim fields for every part, e.g. fused_update=False (jaxflow.optim's per-leaf optax
 chain) against fused_update=True (jaxflow.optim.fused_adam).
@@ -59,6 +60,13 @@ def _parse(opts: str) -> dict[str, object]:
     else:
       out[k] = int(v) if v.lstrip("-").isdigit() else v
   return out
+
+
+def _config_options(name: str) -> dict[str, object]:
+  """The XLA compiler options of configs/<name>.py:chairs (config.compiler_options), as the trainer passes them."""
+  from experiments.benchmarks.train_throughput import model_compiler_options
+  from jaxflow import platform
+  return platform.compiler_options(model_compiler_options(name)) or {}
 
 
 def _model_settings(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -229,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
   order = runs + (runs[::-1] if args.both_orders else [])
   results: dict[tuple, list] = collections.defaultdict(list)
   for part, opts, tx in order:
-    r = measure(part, args.model, args.height, args.width, args.batch, _parse(opts), args.steps, args.phases,
+    options = _config_options(args.model) if opts.strip() == "config" else _parse(opts)
+    r = measure(part, args.model, args.height, args.width, args.batch, options, args.steps, args.phases,
                 _parse(tx))
     results[(part, opts, tx)].append(r)
     print(f"{args.model} {args.height}x{args.width} b{args.batch} {part} options {opts or '(defaults)'}"

@@ -13,6 +13,10 @@ convolutions where Winograd F(4x4, 3x3) now runs; 'matmul-s7': session 7's, the 
 Winograd's now runs; 'matmul-mem7': the default with session 7's memory behaviour: its Winograd loop
 (winograd._LOOP 'map'), LeakyReLU by autodiff of the where (layers._LEAKY_FROM_OUTPUT False) and concatenations'
 input gradients whole and sliced).
+
+A variant may add XLA compiler options for its step after a '+': 'IMPL+config' compiles with the model config's
+config.compiler_options (as the trainer does), 'IMPL+NAME=VALUE[+NAME=VALUE]' with those; plain 'IMPL' with XLA's
+defaults. E.g. `--variants matmul,matmul+config` (PWC-Net: its YNNPACK option, off / on).
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import numpy as np
 
 def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype: str = "float32",
           model_overrides: dict | None = None, lower_only: bool = False, loss_overrides: dict | None = None,
-          optim_overrides: dict | None = None):
+          optim_overrides: dict | None = None, compiler_options: dict | None = None):
   """The jitted training step (state donated) on random inputs: (compiled, state, batch, compile seconds), or
   (jitted step, state, batch) with lower_only. loss_overrides / optim_overrides: fields set on the default
-  loss / optimiser configs (e.g. a model config's, as train_throughput.py uses)."""
+  loss / optimiser configs (e.g. a model config's, as train_throughput.py uses). compiler_options: the step's
+  XLA compiler options (None: XLA's defaults)."""
   from jaxflow import losses, optim
   from jaxflow import steps as steps_lib
   from jaxflow.models import get_model
@@ -76,7 +81,7 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   state, _ = create_train_state(make_init_fn(model, tx, (1, INIT_SIZE, INIT_SIZE, 3)), 0, dev)
   step = jax.jit(steps_lib.make_train_step(model, tx, functools.partial(losses.compute_loss, loss_cfg)),
-                 donate_argnums=0)
+                 donate_argnums=0, compiler_options=compiler_options or None)
   batch_arrays = jax.device_put(host, dev)
   if lower_only:
     conv_ops.set_default_impl("auto")
@@ -103,6 +108,24 @@ def add_step_args(p: argparse.ArgumentParser, height: int = 192, width: int = 25
   p.add_argument("--batch", type=int, default=batch)
 
 
+def split_variant(variant: str, model_name: str) -> tuple[str, dict | None]:
+  """'matmul+config' -> ('matmul', the model config's compiler options); 'matmul+NAME=VALUE+...' -> those."""
+  impl, *opts = variant.split("+")
+  options: dict = {}
+  for o in opts:
+    if o == "config":
+      import importlib
+      from jaxflow import platform
+      config = importlib.import_module(f"configs.{model_name}").get_config("chairs")
+      options.update(platform.compiler_options(config.get("compiler_options") or {}) or {})
+    elif "=" in o:
+      k, v = o.split("=", 1)
+      options[k] = v
+    else:
+      raise ValueError(f"variant {variant!r}: {o!r} is neither 'config' nor NAME=VALUE")
+  return impl, options or None
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_step_args(p)
@@ -113,11 +136,18 @@ def main(argv: list[str] | None = None) -> int:
   variants = args.variants.split(",")
   runs = {}
   for v in variants:
-    compiled, state, batch, compile_s = build(args.model, args.height, args.width, args.batch, v, args.dtype)
+    impl, options = split_variant(v, args.model)
+    c = time.process_time()
+    compiled, state, batch, compile_s = build(args.model, args.height, args.width, args.batch, impl, args.dtype,
+                                              compiler_options=options)
+    c = time.process_time() - c
+    w, c1 = time.perf_counter(), time.process_time()
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
+    first = (time.perf_counter() - w, time.process_time() - c1)
     runs[v] = [compiled, state, batch]
-    print(f"{v}: compile {compile_s:.1f} s", flush=True)
+    print(f"{v}: compile {compile_s:.1f} s (build + compile {c:.1f} CPU-s), first execution {first[0]:.2f} s "
+          f"({first[1]:.2f} CPU-s); options {options or '(XLA defaults)'}", flush=True)
   time_alternated(runs, args.repeats, f"{args.model} {args.height}x{args.width} b{args.batch}", args.batch)
   return 0
 

@@ -10,7 +10,9 @@ r"""Training throughput of jaxflow against a PyTorch reference on the same machi
 What is measured, per configuration (model, H x W, batch, dtype):
   jaxflow   the real trainer step: jaxflow.steps.make_train_step (model, the model config's multiscale loss,
             jaxflow.optim's Adam + coupled weight decay), jitted with the state donated, parameters replicated
-            and the batch sharded over a ('data',) mesh, on random inputs already on the device(s).
+            and the batch sharded over a ('data',) mesh, on random inputs already on the device(s), compiled
+            with the model config's XLA compiler options (config.compiler_options, as the trainer does;
+            --compiler-options overrides them for an A/B).
   torch     experiments/benchmarks/torch_reference.py: the same network (same parameter count; a test proves
             the forward passes equal), the same loss and optimiser, NCHW, eager PyTorch.
 Each framework runs in its own worker subprocess (own imports, own peak RSS). Both are set up and warmed up;
@@ -156,6 +158,12 @@ def _command_loop(run_steps, matmul_peak, nominal_flops=None) -> None:
       _reply({"error": f"unknown command {line.strip()!r}"})
 
 
+def _options(spec: dict[str, Any]) -> dict[str, Any] | None:
+  """The step's XLA compiler options (the model config's, or --compiler-options'), as the trainer passes them."""
+  from jaxflow import platform as jaxflow_platform
+  return jaxflow_platform.compiler_options(spec.get("compiler_options") or {}, "compiler option ")
+
+
 def _lookup_parts(spec: dict[str, Any]) -> dict[str, str]:
   """What names the cached train step's pointer before any model is built (the run's settings as JSON)."""
   return {k: json.dumps(spec[k], sort_keys=True) for k in ("model", "loss", "optim", "dtype")}
@@ -172,7 +180,7 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   if early:
     from jaxflow import exec_cache, platform as jaxflow_platform
     jaxflow_platform.configure(cache_dir=os.environ["JAX_COMPILATION_CACHE_DIR"], min_compile_time_secs=0)
-    pending = exec_cache.prefetch("train_step", _lookup_parts(spec), exec_cache.default_dir())
+    pending = exec_cache.prefetch("train_step", _lookup_parts(spec), exec_cache.default_dir(), _options(spec))
   # Likewise the parameters' host draws (the abstract tree this run's settings led to last), in threads.
   host_pending = None
   if early and not os.environ.get("JAXFLOW_BENCH_LATE_DRAWS"):
@@ -214,7 +222,7 @@ def _jax_worker(spec: dict[str, Any]) -> None:
            "optim": json.dumps(spec["optim"], sort_keys=True)}
   image_shape = (1, INIT_SIZE, INIT_SIZE, 3)
   if spec.get("prefetch", True) and not early:  # the load started after the imports and the model build
-    pending = exec_cache.prefetch("train_step", _lookup_parts(spec), cache_dir)
+    pending = exec_cache.prefetch("train_step", _lookup_parts(spec), cache_dir, _options(spec))
   variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir, lookup_parts=_lookup_parts(spec))
   t_abstract = time.time()
   state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables), 0, rep,
@@ -225,7 +233,7 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
   step_fn = jax.jit(steps_lib.make_train_step(model, tx, functools.partial(losses.compute_loss, loss_cfg)),
                     in_shardings=(state_sharding, parallel.data_sharding(mesh)), out_shardings=(state_sharding, rep),
-                    donate_argnums=0)
+                    donate_argnums=0, compiler_options=_options(spec))
   batch = parallel.to_global(_host_batch(b, h, w), mesh)
   jax.block_until_ready(batch)
   t_data = time.time()
@@ -235,8 +243,9 @@ def _jax_worker(spec: dict[str, Any]) -> None:
     _reply({"stablehlo_sha256": hashlib.sha256(lowered.as_text().encode()).hexdigest(),
             "stablehlo_debug_sha256": hashlib.sha256(lowered.as_text(debug_info=True).encode()).hexdigest()})
     return
-  cached = exec_cache.CachedFunction(step_fn, "train_step", parts, cache_dir, log=lambda m: print(m, file=sys.stderr),
-                                     prefetched=pending, lookup_parts=_lookup_parts(spec))
+  cached = exec_cache.CachedFunction(step_fn, "train_step", parts, cache_dir, _options(spec),
+                                     log=lambda m: print(m, file=sys.stderr), prefetched=pending,
+                                     lookup_parts=_lookup_parts(spec), options_prefix="compiler option ")
   t_trace = time.time()
   if cache_dir is None:  # split tracing from lowering (the exec cache's miss path lowers in one call)
     step_fn.trace(state, batch)
@@ -421,6 +430,30 @@ def _model_settings(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str
   return model, plain(config.loss), plain(config.optim)
 
 
+def model_compiler_options(name: str) -> dict[str, str]:
+  """The XLA compiler options of configs/<name>.py:chairs (config.compiler_options: what the trainer compiles the
+  step with), as a plain dict."""
+  import importlib
+  config = importlib.import_module(f"configs.{name}").get_config("chairs")
+  return {k: v for k, v in (config.get("compiler_options") or {}).items()}
+
+
+def parse_options(text: str | None, name: str) -> dict[str, str]:
+  """--compiler-options: None or 'config' -> the model config's; 'none' or '' -> none (XLA's defaults);
+  'NAME=VALUE NAME=VALUE' -> those."""
+  if text is None or text.strip() == "config":
+    return model_compiler_options(name)
+  if text.strip().lower() in ("", "none"):
+    return {}
+  out = {}
+  for tok in text.split():
+    if "=" not in tok:
+      raise ValueError(f"--compiler-options: {tok!r} is not NAME=VALUE (or give 'config' / 'none')")
+    k, v = tok.split("=", 1)
+    out[k] = v
+  return out
+
+
 def _jax_env(devices: int, cache_dir: str) -> dict[str, str]:
   env = dict(os.environ)
   flags = env.get("XLA_FLAGS", "")
@@ -473,15 +506,18 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
   model, loss, optim_cfg = _model_settings(name)
   spec = {"model": model, "loss": loss, "optim": optim_cfg, "height": height, "width": width, "batch": batch,
           "dtype": args.dtype, "warmup": args.warmup, "torch_threads": args.torch_threads,
-          "exec_cache": not args.no_exec_cache, "init_method": args.init_method, "prefetch": not args.no_prefetch}
+          "exec_cache": not args.no_exec_cache, "init_method": args.init_method, "prefetch": not args.no_prefetch,
+          "compiler_options": parse_options(args.compiler_options, name)}
   result: dict[str, Any] = {
       "model": name, "dtype": args.dtype, "height": height, "width": width, "batch": batch,
       "jax_devices": args.jax_devices, "torch_threads": args.torch_threads,
       "torch_omp_wait_policy": args.torch_omp_wait, "steps": args.steps,
       "rounds": args.rounds, "warmup": args.warmup, "cores": _usable_cores(), "cpu": _cpu_model(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": _git_commit(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "compiler_options": spec["compiler_options"],
+      "commit": _git_commit(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "loadavg_start": os.getloadavg()[0], "loss_config": loss}
+  print(f"  jaxflow step's XLA compiler options: {spec['compiler_options'] or '(XLA defaults)'}", flush=True)
   with tempfile.TemporaryDirectory(prefix="jaxflow_bench_cache_") as cache:
     env = _jax_env(args.jax_devices, cache)
     if args.cost_only:
@@ -714,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
                            "state init (the start-up path before exec_cache.prefetch; for A/B)")
   parser.add_argument("--init-method", default="host", choices=("host", "traced"),
                       help="parameter init: host (numpy draws, jaxflow.param_init) or traced (a compiled model.init)")
+  parser.add_argument("--compiler-options", default=None,
+                      help="XLA compiler options of jaxflow's step: 'config' (default: the model config's "
+                           "config.compiler_options, as the trainer), 'none' (XLA's defaults) or 'NAME=VALUE ...'")
   parser.add_argument("--json", default=None, help="write the results (a list of dicts) to this file")
   parser.add_argument("--roofline", metavar="JSON", default=None,
                       help="print the accelerator projection table of a results file and exit")

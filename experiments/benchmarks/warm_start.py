@@ -3,6 +3,8 @@ r"""Warm start to the end of the first training step, per model, with alternated
   python -m experiments.benchmarks.warm_start --model pwcnet --repeats 5
   python -m experiments.benchmarks.warm_start --model flownet_s --model pwcnet --repeats 4 \
       --env-b "JAXFLOW_BENCH_LATE_LOAD=1"        # A = as is, B = with this environment variable; alternated
+  python -m experiments.benchmarks.warm_start --model pwcnet --options-a none --options-b config
+      # the step compiled with XLA's default options (A) against the model config's compiler options (B)
 
 Each configuration (128x128, batch 4 by default: the `local` configs' size) first fills an executable cache with
 one worker per variant of experiments/benchmarks/train_throughput.py (the trainer's start-up path; cold unless
@@ -17,7 +19,10 @@ Every warm worker runs its first step, then `--steps` steady steps; reported per
            i.e. waiting for the background executable load); load: that load's whole duration (started right
            after `import jax`); exec: the first execution itself (wall, CPU);
   cpu      process CPU seconds to the end of the first step (robust to other jobs on the machine).
-The first step's loss is printed too: it is a function of the seed only, so variants must agree exactly.
+The first step's loss is printed too: it is a function of the seed only, so variants must agree exactly (XLA
+options that change the program, e.g. which fusions YNNPACK runs, may move it by a few ulps: summation order).
+--options-a / --options-b: the train step's XLA compiler options of each variant ('config': the model config's,
+as the trainer; 'none': XLA's defaults; or 'NAME=VALUE ...'); A defaults to 'config', B to A's.
 """
 
 from __future__ import annotations
@@ -39,11 +44,11 @@ FIELDS = ("first", "steady", "overhead", "import", "init", "data", "wait", "load
           "st_kflt", "cpu")
 
 
-def _spec(name: str, height: int, width: int, batch: int) -> dict[str, Any]:
+def _spec(name: str, height: int, width: int, batch: int, options: str | None = None) -> dict[str, Any]:
   model, loss, optim_cfg = tt._model_settings(name)
   return {"model": model, "loss": loss, "optim": optim_cfg, "height": height, "width": width, "batch": batch,
           "dtype": "float32", "warmup": 0, "torch_threads": 1, "exec_cache": True, "init_method": "host",
-          "prefetch": True}
+          "prefetch": True, "compiler_options": tt.parse_options(options, name)}
 
 
 def _run(spec: dict[str, Any], env: dict[str, str], steps: int) -> dict[str, float]:
@@ -83,16 +88,21 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=3, help="steady steps after the first, per worker")
   parser.add_argument("--env-b", default=None,
                       help="variant B: 'NAME=VALUE ...' added to the workers' environment (A: as is)")
+  parser.add_argument("--options-a", default="config",
+                      help="variant A's step compiler options: 'config' (the model config's), 'none', 'NAME=VALUE ...'")
+  parser.add_argument("--options-b", default=None,
+                      help="variant B's step compiler options (as --options-a); gives a B variant on its own")
   parser.add_argument("--cache-dir", default=None,
                       help="keep the compilation / executable cache here (reused if it exists: no cold fill "
                            "when it already holds this configuration); default: a temporary directory")
   args = parser.parse_args(argv)
   if args.repeats < 1 or args.steps < 0:
     parser.error("--repeats must be >= 1 and --steps >= 0")
-  variants = [("A", {})]
-  if args.env_b:
-    extra = dict(item.split("=", 1) for item in shlex.split(args.env_b))
-    variants.append(("B " + args.env_b, extra))
+  variants = [("A" + ("" if args.options_a == "config" else f" options {args.options_a}"), {}, args.options_a)]
+  if args.env_b or args.options_b is not None:
+    extra = dict(item.split("=", 1) for item in shlex.split(args.env_b or ""))
+    options_b = args.options_a if args.options_b is None else args.options_b
+    variants.append(("B " + " ".join(filter(None, [args.env_b, f"options {options_b}"])), extra, options_b))
   tmp = None
   cache = args.cache_dir
   if cache is None:
@@ -103,16 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{tt._cpu_model()}, {tt._usable_cores()} usable cores; load {os.getloadavg()[0]:.1f}; commit "
           f"{tt._git_commit()}; cache {cache}", flush=True)
     for name in args.model:
-      spec = _spec(name, args.height, args.width, args.batch)
-      for label, extra in variants:  # one fill per variant: B's environment may change the program or the code
-        fill = _run(dict(spec, warmup=0), dict(base, **extra), 0)
+      specs = {label: _spec(name, args.height, args.width, args.batch, options) for label, _, options in variants}
+      for label, extra, _ in variants:  # one fill per variant: B's environment may change the program or the code
+        print(f"  {label}: step compiler options {specs[label]['compiler_options'] or '(XLA defaults)'}", flush=True)
+        fill = _run(dict(specs[label], warmup=0), dict(base, **extra), 0)
         print(f"{name} {args.height}x{args.width} b{args.batch}: fill run of {label[0]} first step "
               f"{fill['first']:.1f} s ({'hit' if fill['hit'] else 'cold'}), loss {fill['loss']:.6f}", flush=True)
       print("  variant    " + " ".join(f"{k:>8s}" for k in FIELDS), flush=True)
-      results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in variants}
+      results: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}
       for _ in range(args.repeats):
-        for label, extra in variants:
-          r = _run(spec, dict(base, **extra), args.steps)
+        for label, extra, _ in variants:
+          r = _run(specs[label], dict(base, **extra), args.steps)
           results[label].append(r)
           print(_row(label[:10], r), flush=True)
       for label, rs in results.items():

@@ -112,11 +112,11 @@ def report(sampler: Sampler, bin_s: float) -> str:
   return "\n".join(lines)
 
 
-def _spec(model: str, height: int, width: int, batch: int) -> dict[str, Any]:
+def _spec(model: str, height: int, width: int, batch: int, options: str = "config") -> dict[str, Any]:
   # The parent side of warm_start builds the spec by importing the model's config, which imports jax: done in
   # a child process so this process's timeline starts with jax not imported.
   code = ("import json, sys; from experiments.benchmarks import warm_start as ws; "
-          f"print(json.dumps(ws._spec({model!r}, {height}, {width}, {batch})))")
+          f"print(json.dumps(ws._spec({model!r}, {height}, {width}, {batch}, {options!r})))")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -130,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--width", type=int, default=128)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--bin-ms", type=float, default=100.0)
+  parser.add_argument("--compiler-options", default="config",
+                      help="the step's XLA compiler options: 'config' (the model config's, as the trainer), 'none' "
+                           "(XLA's defaults) or 'NAME=VALUE ...'")
   parser.add_argument("--spec-json", default=None, help="the worker spec as a JSON file (else built in a child)")
   args = parser.parse_args(argv)
   if args.spec_json:
     with open(args.spec_json) as f:
       spec = json.load(f)
   else:
-    spec = _spec(args.model, args.height, args.width, args.batch)
+    spec = _spec(args.model, args.height, args.width, args.batch, args.compiler_options)
   # The worker's clock starts at this process's start (T0), so its import figure includes the spec's child.
   os.environ.update({k: v for k, v in tt._jax_env(1, os.path.abspath(args.cache_dir)).items()
                      if k not in os.environ or k.startswith(("JAX_", "XLA_"))})
