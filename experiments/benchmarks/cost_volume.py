@@ -7,8 +7,10 @@ max displacement 4, stride 1 -> 81 channels) and FlowNetC (conv3 at 1/8: 48x64x2
 stride 2 -> 441 channels).
 
 Variants (all compute the same cost volume, float32):
-  jaxflow      jaxflow.ops.correlation (impl 'tiled'): T x T tiles x (T+2d)^2 windows as matmuls, custom VJP;
-               on CPU the band is read off / written into the blocks by gathers (impl 'tiled_gather')
+  jaxflow      jaxflow.ops.correlation (impl 'tiled'): on CPU the C++ kernel (impl 'ffi') when it is available
+  ffi          jaxflow.ops.correlation(impl='ffi'): the C++ XLA FFI kernel (jaxflow/ops/csrc/correlation.cc, session 9)
+  gather_s8    jaxflow.ops.correlation(impl='tiled_gather'): T x T tiles x (T+2d)^2 windows as matmuls, custom VJP,
+               the band read off / written into the blocks by gathers (CPU's default in session 8)
   s7           jaxflow.ops.correlation as at the end of session 7 (switched while traced: the backward's 1/C scale
                on the K*K-channel cotangent instead of on the per-image features)
   tiled_s6     the same with the pad/reshape skews (impl 'tiled_reshape': CPU's default until session 6,
@@ -111,6 +113,8 @@ def corr_dense(f1, f2, md, s):
 VARIANTS: dict[str, Callable] = {
     "jaxflow": correlation,
     "s7": correlation,  # traced under module switches (see SETUPS)
+    "ffi": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="ffi"),
+    "gather_s8": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="tiled_gather"),
     "tiled_s6": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="tiled_reshape"),
     "scan": lambda f1, f2, md, s: correlation(f1, f2, md, s, impl="scan"),
     "scan_ad": corr_scan_ad,
@@ -322,6 +326,8 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="only PWC-Net level 2 and FlowNetC")
   parser.add_argument("--warp", action="store_true", help="also time jaxflow.ops.warp against session 6's and autodiff")
   parser.add_argument("--no-flownetc", action="store_true", help="skip the FlowNetC case")
+  parser.add_argument("--step-s", type=float, default=14.67,
+                      help="PWC-Net 384x512 b8 train step (s) for the share figure (default: session 8's quiet median)")
   parser.add_argument("--no-default-flags", action="store_true",
                       help="keep XLA:CPU's defaults instead of the trainer's (jaxflow.platform.DEFAULT_CPU_FLAGS)")
   args = parser.parse_args()
@@ -346,10 +352,15 @@ def main() -> None:
       totals[v][0] += ms
       totals[v][1] += cpu_ms
   print(f"\nPWC-Net levels {pwc[0][0]}..{pwc[-1][0]} at batch {b}, sum of the medians (fwd+bwd):")
+  # Multiply-adds of the cost volume: forward B*H*W*C*K*K, backward twice that; 2 FLOPs each.
+  gflop = sum(3 * 2 * b * h * w * c * 81 for _, h, w, c in pwc) / 1e9
   for v, (ms, cpu_ms) in totals.items():
     ratio = (f", {ms / totals[variants[0]][0]:.2f}x wall / {cpu_ms / totals[variants[0]][1]:.2f}x CPU time of "
              f"{variants[0]}'s" if v != variants[0] else "")
-    print(f"  {v:12s} {ms:9.1f} ms wall, {cpu_ms:9.1f} ms CPU{ratio}")
+    share = (f", {100 * ms / 1e3 / args.step_s:.2f} % of a {args.step_s:g} s step"
+             if (b, len(pwc)) == (8, 5) else "")
+    print(f"  {v:12s} {ms:9.1f} ms wall, {cpu_ms:9.1f} ms CPU{ratio}{share}; {gflop:.2f} GFLOP: "
+          f"{gflop / ms * 1e3:.1f} GFLOP/s wall, {gflop / cpu_ms * 1e3:.1f} GFLOP/CPU-s")
   # FlowNetC: a 441 x 256 x 48 x 64 x B intermediate (10.6 GB at B = 8) is what the autodiff scans and the
   # dense variant build, so those are compiled for their memory analysis but not run; the unrolled variant
   # (441 separate ops) takes minutes to compile and is left out.

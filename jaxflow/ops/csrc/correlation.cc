@@ -7,15 +7,17 @@
 //   df1[b, y, x, c]   = 1/C * sum_{i,j} g[b, y, x, i*K + j] * f2[b, y + i - n, x + j - n, c]
 //   df2[b, y', x', c] = 1/C * sum_{i,j} g[b, y' - i + n, x' - j + n, i*K + j] * f1[b, y' - i + n, x' - j + n, c].
 //
-// Method. Each image's maps are first transposed to channel-major rows, zero-padded by n columns on both
-// sides: T[y][c][n + x] = f[y][x][c], row length P = roundup(W, 8) + 2n. Then every product loop runs along x,
-// 8 pixels per vector, with the K horizontal displacements (dx) of one vertical displacement (dy) in K (or
-// ceil(K / 12)-sized groups of) vector accumulators: for every channel one vector of f1 (forward) or of g
-// (backward, held in registers across the channels) meets K shifted, unaligned loads of the other map.
-// That is one load per fused multiply-add, all from a few-kilobyte row block in L1. The df2 sum uses the same
-// loop on the padded (g, f1) pair with both displacement axes reversed, so nothing is scattered.
-// Work is split over the rows of an image on XLA's intra-op thread pool (FFI ThreadPool context); images
-// are processed one after another so the scratch stays per image.
+// Method. Each row of an image is first copied into 8-pixel chunk windows: for chunk q (pixels 8q..8q+7) and
+// channel c, the ww = roundup(8 + 2n, 8) values f[8q + t - n][c], t < ww (zero outside the image), so one
+// block's data for all channels is contiguous. The product loops then run 8 pixels per vector with the K
+// horizontal displacements (dx) of one vertical displacement (dy) in K (or ceil(K / 12)-sized groups of) vector
+// accumulators: for every channel one vector of f1 (forward) or of g (backward, held in registers across the
+// channels) meets K shifted, unaligned loads of the other map's window, one load per fused multiply-add. The
+// forward writes its accumulators through 8 x 8 register transposes into the pixels' K*K-channel rows. The df2
+// sum is the same loop on the (g, f1) pair with both displacement axes reversed, so nothing is scattered; the
+// cotangent is kept channel-major (K*K, W + 2n) per row for it. Work is split over the rows of an image on
+// XLA's intra-op thread pool (FFI ThreadPool context); images are processed one after another, so the scratch
+// (malloc'd here, not in XLA's buffers) is per image: ~7 MB at PWC-Net's 96x128x32 level.
 
 #include <algorithm>
 #include <atomic>
@@ -166,9 +168,10 @@ void BwdBlock(const Vec* gv_in, const float* b, int64_t sb, int64_t channels, fl
   for (int j = 0; j < J; ++j) gv[j] = gv_in[j];
   for (int64_t c = 0; c < channels; ++c) {
     const float* bc = b + c * sb;
-    Vec acc = Load(d + c * sd);
-    for (int j = 0; j < J; ++j) acc += gv[j] * Load(bc + j);
-    Store(d + c * sd, acc);
+    // Three independent partial sums: a single chain of J dependent FMAs per channel would be latency-bound.
+    Vec part[3] = {Vec{}, Vec{}, Vec{}};
+    for (int j = 0; j < J; ++j) part[j % 3] += gv[j] * Load(bc + j);
+    Store(d + c * sd, Load(d + c * sd) + ((part[0] + part[1]) + part[2]));
   }
 }
 
@@ -196,6 +199,8 @@ std::vector<std::pair<int64_t, int>> Groups(int64_t k) {
 struct Shape {
   int64_t images = 1, h = 0, w = 0, c = 0;
   int64_t n = 0, k = 0, kk = 0, wpad = 0, p = 0;
+  int64_t nq = 0, ww = 0;  // 8-pixel chunks per row; window width per chunk (8 + 2n rounded up to 8)
+  int64_t win_row() const { return nq * c * ww; }  // floats per row of windows
 };
 
 ffi::Error ReadShape(ffi::Span<const int64_t> dims, int64_t n, Shape* s) {
@@ -213,7 +218,9 @@ ffi::Error ReadShape(ffi::Span<const int64_t> dims, int64_t n, Shape* s) {
   s->k = 2 * n + 1;
   s->kk = s->k * s->k;
   s->wpad = (s->w + kLanes - 1) / kLanes * kLanes;
-  s->p = s->wpad + 2 * n;
+  s->nq = s->wpad / kLanes;
+  s->ww = (kLanes + 2 * n + kLanes - 1) / kLanes * kLanes;
+  s->p = s->wpad - kLanes + s->ww;  // >= wpad + 2n: every chunk's window lies inside a padded row
   return ffi::Error::Success();
 }
 
@@ -234,6 +241,24 @@ void TransposeRow(const float* src, int64_t w, int64_t e, float* dst, int64_t p,
   Transpose(src, e, dst + off, p, w, e, scale);
 }
 
+// Row (W, C) of one image -> chunk windows dst[q][c][t] = scale * f[8q + t - off][c], t < ww (zero outside
+// the row): the data of one 8-pixel block for all channels is contiguous, so the inner loops stream it.
+void WindowRow(const float* src, int64_t w, int64_t c, int64_t off, int64_t ww, int64_t nq, int64_t p, float scale,
+               float* dst) {
+  thread_local std::vector<float> tmp;  // channel-major padded row (C, P)
+  if (tmp.size() < static_cast<size_t>(c * p)) tmp.resize(static_cast<size_t>(c * p));
+  for (int64_t ch = 0; ch < c; ++ch) {
+    std::fill(tmp.data() + ch * p, tmp.data() + ch * p + off, 0.0f);
+    std::fill(tmp.data() + ch * p + off + w, tmp.data() + (ch + 1) * p, 0.0f);
+  }
+  Transpose(src, c, tmp.data() + off, p, w, c, scale);
+  for (int64_t q = 0; q < nq; ++q) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      std::memcpy(dst + (q * c + ch) * ww, tmp.data() + ch * p + q * kLanes, sizeof(float) * ww);
+    }
+  }
+}
+
 // ---- forward ----------------------------------------------------------------------------------------------
 
 ffi::Error CorrelationFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> f1, ffi::Buffer<ffi::F32> f2,
@@ -246,21 +271,23 @@ ffi::Error CorrelationFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> f1, ffi::B
   if (!IsVolumeOf(out->dimensions(), f1.dimensions(), s.kk)) {
     return ffi::Error::InvalidArgument("jaxflow correlation kernel: output must be (..., H, W, K*K)");
   }
-  const int64_t h = s.h, w = s.w, c = s.c, k = s.k, kk = s.kk, p = s.p, wpad = s.wpad;
+  const int64_t h = s.h, w = s.w, c = s.c, k = s.k, kk = s.kk, p = s.p, wpad = s.wpad, nq = s.nq, ww = s.ww;
+  const int64_t row_floats = s.win_row();
   const float inv_c = c > 0 ? 1.0f / static_cast<float>(c) : 0.0f;
   const auto groups = Groups(k);
-  std::vector<float> f2t(static_cast<size_t>(h * c * p), 0.0f);  // (H, C, P), zero pads kept across images
+  std::vector<float> f2w(static_cast<size_t>(h * row_floats));  // f2's chunk windows, (H, nq, C, ww)
 
   for (int64_t b = 0; b < s.images; ++b) {
     const float* f1b = f1.typed_data() + b * h * w * c;
     const float* f2b = f2.typed_data() + b * h * w * c;
     float* outb = out->typed_data() + b * h * w * kk;
-    ParallelFor(pool, h, [&](int64_t y) { TransposeRow(f2b + y * w * c, w, c, f2t.data() + y * c * p, p, s.n); });
     ParallelFor(pool, h, [&](int64_t y) {
-      thread_local std::vector<float> f1t;
-      if (f1t.size() < static_cast<size_t>(c * wpad)) f1t.resize(static_cast<size_t>(c * wpad));
-      for (int64_t ch = 0; ch < c; ++ch) std::fill(f1t.data() + ch * wpad + w, f1t.data() + (ch + 1) * wpad, 0.0f);
-      TransposeRow(f1b + y * w * c, w, c, f1t.data(), wpad, 0, inv_c);  // the mean's 1/C rides on f1
+      WindowRow(f2b + y * w * c, w, c, s.n, ww, nq, p, 1.0f, f2w.data() + y * row_floats);
+    });
+    ParallelFor(pool, h, [&](int64_t y) {
+      thread_local std::vector<float> f1c;  // f1's row in 8-pixel chunks (nq, C, 8), times 1/C (the mean)
+      if (f1c.size() < static_cast<size_t>(nq * c * kLanes)) f1c.resize(static_cast<size_t>(nq * c * kLanes));
+      WindowRow(f1b + y * w * c, w, c, 0, kLanes, nq, wpad, inv_c, f1c.data());
       float* row = outb + y * w * kk;
       for (int64_t i = 0; i < k; ++i) {
         const int64_t yy = y + i - s.n;
@@ -268,11 +295,12 @@ ffi::Error CorrelationFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> f1, ffi::B
           for (int64_t x = 0; x < w; ++x) std::memset(row + x * kk + i * k, 0, sizeof(float) * k);
           continue;
         }
-        const float* src = f2t.data() + yy * c * p;
-        for (int64_t x0 = 0; x0 < wpad; x0 += kLanes) {
-          const int64_t lanes = std::min(kLanes, w - x0);
+        const float* src = f2w.data() + yy * row_floats;
+        for (int64_t q = 0; q < nq; ++q) {
+          const int64_t x0 = q * kLanes, lanes = std::min(kLanes, w - x0);
           for (const auto& [j0, size] : groups) {
-            Table::fwd[size](f1t.data() + x0, wpad, src + x0 + j0, p, c, row + x0 * kk + i * k + j0, kk, lanes);
+            Table::fwd[size](f1c.data() + q * c * kLanes, kLanes, src + q * c * ww + j0, ww, c,
+                             row + x0 * kk + i * k + j0, kk, lanes);
           }
         }
       }
@@ -295,56 +323,63 @@ ffi::Error CorrelationBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> f1, ffi::B
   if (!IsVolumeOf(g.dimensions(), f1.dimensions(), s.kk)) {
     return ffi::Error::InvalidArgument("jaxflow correlation kernel: the cotangent must be (..., H, W, K*K)");
   }
-  const int64_t h = s.h, w = s.w, c = s.c, k = s.k, kk = s.kk, p = s.p, wpad = s.wpad, nn = s.n;
+  const int64_t h = s.h, w = s.w, c = s.c, k = s.k, kk = s.kk, p = s.p, nn = s.n, nq = s.nq, ww = s.ww;
+  const int64_t row_floats = s.win_row();
   const float inv_c = c > 0 ? 1.0f / static_cast<float>(c) : 0.0f;
   const auto groups = Groups(k);
-  // Channel-major padded copies of one image: f1 and f2 (H, C, P), the cotangent (H, K*K, P).
-  std::vector<float> f1t(static_cast<size_t>(h * c * p), 0.0f);
-  std::vector<float> f2t(static_cast<size_t>(h * c * p), 0.0f);
+  // One image at a time: f1's and f2's chunk windows (H, nq, C, ww), the cotangent channel-major (H, K*K, P)
+  // with zero pads of n columns.
+  std::vector<float> f1w(static_cast<size_t>(h * row_floats));
+  std::vector<float> f2w(static_cast<size_t>(h * row_floats));
   std::vector<float> gt(static_cast<size_t>(h * kk * p), 0.0f);
 
   for (int64_t b = 0; b < s.images; ++b) {
     const int64_t off = b * h * w * c;
     const float* gb = g.typed_data() + b * h * w * kk;
     ParallelFor(pool, h, [&](int64_t y) {
-      TransposeRow(f1.typed_data() + off + y * w * c, w, c, f1t.data() + y * c * p, p, nn);
-      TransposeRow(f2.typed_data() + off + y * w * c, w, c, f2t.data() + y * c * p, p, nn);
+      WindowRow(f1.typed_data() + off + y * w * c, w, c, nn, ww, nq, p, 1.0f, f1w.data() + y * row_floats);
+      WindowRow(f2.typed_data() + off + y * w * c, w, c, nn, ww, nq, p, 1.0f, f2w.data() + y * row_floats);
       TransposeRow(gb + y * w * kk, w, kk, gt.data() + y * kk * p, p, nn);
     });
     float* d1b = df1->typed_data() + off;
     float* d2b = df2->typed_data() + off;
     ParallelFor(pool, h, [&](int64_t y) {
-      thread_local std::vector<float> acc1, acc2;
-      acc1.assign(static_cast<size_t>(c * wpad), 0.0f);
-      acc2.assign(static_cast<size_t>(c * wpad), 0.0f);
+      thread_local std::vector<float> acc1, acc2;  // (nq, C, 8) each
+      acc1.assign(static_cast<size_t>(nq * c * kLanes), 0.0f);
+      acc2.assign(static_cast<size_t>(nq * c * kLanes), 0.0f);
       Vec gv[kMaxGroup];
       for (int64_t i = 0; i < k; ++i) {
         const int64_t yy = y + i - nn;  // df1: f2's row at dy = i - n
         if (yy >= 0 && yy < h) {
           const float* grow = gt.data() + y * kk * p;
-          const float* src = f2t.data() + yy * c * p;
-          for (int64_t x0 = 0; x0 < wpad; x0 += kLanes) {
+          const float* src = f2w.data() + yy * row_floats;
+          for (int64_t q = 0; q < nq; ++q) {
             for (const auto& [j0, size] : groups) {
-              for (int jj = 0; jj < size; ++jj) gv[jj] = Load(grow + (i * k + j0 + jj) * p + nn + x0);
-              Table::bwd[size](gv, src + x0 + j0, p, c, acc1.data() + x0, wpad);
+              for (int jj = 0; jj < size; ++jj) gv[jj] = Load(grow + (i * k + j0 + jj) * p + nn + q * kLanes);
+              Table::bwd[size](gv, src + q * c * ww + j0, ww, c, acc1.data() + q * c * kLanes, kLanes);
             }
           }
         }
         const int64_t ys = y + i - nn;  // df2: source row of the reversed displacement i' = i
         if (ys >= 0 && ys < h) {
           const float* grow = gt.data() + ys * kk * p;
-          const float* src = f1t.data() + ys * c * p;
+          const float* src = f1w.data() + ys * row_floats;
           const int64_t gi = (k - 1 - i) * k;
-          for (int64_t x0 = 0; x0 < wpad; x0 += kLanes) {
+          for (int64_t q = 0; q < nq; ++q) {
             for (const auto& [j0, size] : groups) {
-              for (int jj = 0; jj < size; ++jj) gv[jj] = Load(grow + (gi + k - 1 - j0 - jj) * p + x0 + j0 + jj);
-              Table::bwd[size](gv, src + x0 + j0, p, c, acc2.data() + x0, wpad);
+              for (int jj = 0; jj < size; ++jj) {
+                gv[jj] = Load(grow + (gi + k - 1 - j0 - jj) * p + q * kLanes + j0 + jj);
+              }
+              Table::bwd[size](gv, src + q * c * ww + j0, ww, c, acc2.data() + q * c * kLanes, kLanes);
             }
           }
         }
       }
-      Transpose(acc1.data(), wpad, d1b + y * w * c, c, c, w, inv_c);
-      Transpose(acc2.data(), wpad, d2b + y * w * c, c, c, w, inv_c);
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t x0 = q * kLanes, lanes = std::min(kLanes, w - x0);
+        Transpose(acc1.data() + q * c * kLanes, kLanes, d1b + (y * w + x0) * c, c, c, lanes, inv_c);
+        Transpose(acc2.data() + q * c * kLanes, kLanes, d2b + (y * w + x0) * c, c, c, lanes, inv_c);
+      }
     });
   }
   return ffi::Error::Success();
