@@ -189,3 +189,43 @@ def test_bad_configs_and_inputs_raise():
     losses.compute_loss(losses.default_config(), {"flows": flows[:4] + [flows[4][..., :1]], "flow": flow}, batch)
   with pytest.raises(ValueError, match=r"outputs\['flow'\] has shape"):
     losses.compute_loss(losses.default_config(), {"flows": flows, "flow": flows[-1]}, batch)
+
+
+def test_masked_epe_sum_matches_autodiff_of_the_plain_form():
+  """losses.masked_epe_sum (own VJP) against sum(endpoint_error * valid) and its autodiff, with pixels where the
+  difference is exactly zero (gradient 0, not NaN) and masked pixels (gradient 0); and against float64 numpy."""
+  rng = np.random.default_rng(11)
+  pred = rng.normal(size=(2, 5, 7, 2)).astype(np.float32)
+  target = rng.normal(size=(2, 5, 7, 2)).astype(np.float32)
+  target[0, 1, 2] = pred[0, 1, 2]  # zero difference
+  valid = (rng.random((2, 5, 7)) > 0.3).astype(np.float32)
+  valid[0, 1, 2] = 1.0
+  plain = lambda p, t: jnp.sum(losses.endpoint_error(p, t) * valid)
+  fused = lambda p, t: losses.masked_epe_sum(p, t, jnp.asarray(valid))
+  (v1, g1), (v2, g2) = (jax.value_and_grad(f, (0, 1))(jnp.asarray(pred), jnp.asarray(target)) for f in (fused, plain))
+  d = pred.astype(np.float64) - target
+  norm = np.sqrt((d ** 2).sum(-1))
+  np.testing.assert_allclose(float(v1), (norm * valid).sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(v1), float(v2), rtol=1e-6)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  expected = np.where(norm[..., None] > 0, d / np.where(norm > 0, norm, 1)[..., None], 0) * valid[..., None]
+  np.testing.assert_allclose(np.asarray(g1[0]), expected, rtol=1e-6, atol=1e-7)
+  assert np.all(np.asarray(g1[0])[0, 1, 2] == 0) and np.all(np.asarray(g1[0])[valid == 0] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_multiscale_loss_with_and_without_the_fused_epe(reduction, monkeypatch):
+  """The multiscale EPE loss and its gradient with masked_epe_sum (the default) equal autodiff of the plain form."""
+  rng = np.random.default_rng(12)
+  flow = jnp.asarray(rng.normal(size=(B, H, W, 2)) * 3, jnp.float32)
+  valid = jnp.asarray(rng.random((B, H, W)) > 0.2, jnp.float32)
+  flows = [jnp.asarray(rng.normal(size=(B, h, w, 2)) * 3, jnp.float32) for h, w in LEVEL_SIZES]
+  got = {}
+  for fused in (True, False):
+    monkeypatch.setattr(losses, "_FUSED_EPE", fused)
+    f = lambda fs: losses.multiscale_loss(fs, flow, valid, losses.FLOWNET_WEIGHTS, reduction=reduction)[0]
+    got[fused] = jax.value_and_grad(f)(flows)
+  np.testing.assert_allclose(float(got[True][0]), float(got[False][0]), rtol=1e-6)
+  for a, b in zip(got[True][1], got[False][1]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
