@@ -31,6 +31,11 @@ def get_config(arg: str | None = None):
   if opts["steps"] and variant != "local":
     raise ValueError(f"config option steps={opts['steps']} applies to the 'local' variant only, not {variant!r}")
   c = common.base_config("pwcnet")
+  # XLA:CPU (jaxlib 0.10.2) hands convolutions, dots, reductions and elementwise products to YNNPACK by default;
+  # PWC-Net's step keeps YNNPACK for its convolutions only, the rest become XLA's own kernels: the same steady
+  # step at 128x128 and 384x512, a shorter warm start (fewer YNN fusions to find at the load and to build at the
+  # first execution). BENCHMARKS.md, "Session 9: per-program compiler options". Ignored off the CPU.
+  c.compiler_options.xla_cpu_experimental_ynn_fusion_type = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
   common.apply_schedule(c, "s_long")
   c.loss.reduction = "sum"  # paper: sum over pixels per image (Eq. 1); the robust loss likewise
   c.loss.div_flow = c.model.div_flow
