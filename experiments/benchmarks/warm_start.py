@@ -23,12 +23,18 @@ The first step's loss is printed too: it is a function of the seed only, so vari
 options that change the program, e.g. which fusions YNNPACK runs, may move it by a few ulps: summation order).
 --options-a / --options-b: the train step's XLA compiler options of each variant ('config': the model config's,
 as the trainer; 'none': XLA's defaults; or 'NAME=VALUE ...'); A defaults to 'config', B to A's.
+--in-process N (with --options-b, without --env-b): after the workers, one more process loads the variants' stored
+train steps alternately N times each and prints the medians of the load's CPU seconds (XLA's rebuild, as the
+background load does it) and of the first and second executions' CPU seconds: the start's two option-dependent
+parts, measured where the machine's load cannot favour one variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import shlex
 import statistics
 import sys
@@ -78,6 +84,58 @@ def _row(label: str, r: dict[str, float]) -> str:
       "" if r.get("hit", True) else "  (exec cache MISS)")
 
 
+def _load_child(job_json: str) -> None:
+  """--in-process's child: alternated loads and first / second executions of each variant's stored step."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxflow import exec_cache
+  from jaxflow import platform as jaxflow_platform
+  job = json.loads(job_json)
+  jaxflow_platform.configure(cache_dir=os.environ["JAX_COMPILATION_CACHE_DIR"], min_compile_time_secs=0)
+  cache = exec_cache.default_dir()
+  paths = {}
+  for label, spec in job["specs"].items():
+    with open(exec_cache.pointer_path(cache, "train_step", tt._lookup_parts(spec), tt._options(spec))) as f:
+      paths[label] = exec_cache.entry_path(cache, "train_step", f.read().strip())
+  rng = np.random.default_rng(0)
+
+  def arguments(compiled):
+    def make(path, info):  # floats small and random (the optimiser's moments positive), integers zero
+      aval, name = info._aval, jax.tree_util.keystr(path)
+      if jnp.issubdtype(aval.dtype, jnp.floating):
+        x = rng.standard_normal(aval.shape) * 0.02
+        if "opt_state" in name:
+          x = np.abs(x) * 1e-3
+        return jnp.asarray(x.astype(aval.dtype))
+      return jnp.full(aval.shape, -1 if "bad_step" in name else 0, aval.dtype)
+    return jax.tree_util.tree_map_with_path(make, compiled.args_info[0])
+
+  keys = ("load_cpu", "first_cpu", "second_cpu")
+  res = {label: {k: [] for k in keys} for label in paths}
+  for _ in range(job["repeats"]):
+    for label, path in paths.items():
+      c = time.process_time()
+      compiled = exec_cache.load(path)
+      res[label]["load_cpu"].append(time.process_time() - c)
+      args = arguments(compiled)
+      jax.block_until_ready(args)
+      for k in keys[1:]:
+        c = time.process_time()
+        out = jax.block_until_ready(compiled(*args))
+        res[label][k].append(time.process_time() - c)
+        assert bool(out[1]["finite"]), f"{label}: non-finite loss on the synthetic arguments"
+        args = (out[0],) + tuple(args[1:])
+      print("    " + label[:40].ljust(40) + " ".join(f"{k} {res[label][k][-1]:.3f}" for k in keys), flush=True)
+      del compiled, out, args
+  for label in paths:
+    print("  median " + label[:33].ljust(33) + " ".join(f"{k} {statistics.median(res[label][k]):.3f}" for k in keys)
+          + f"  (n={job['repeats']})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", action="append", choices=tt.MODELS, required=True)
@@ -92,10 +150,18 @@ def main(argv: list[str] | None = None) -> int:
                       help="variant A's step compiler options: 'config' (the model config's), 'none', 'NAME=VALUE ...'")
   parser.add_argument("--options-b", default=None,
                       help="variant B's step compiler options (as --options-a); gives a B variant on its own")
+  parser.add_argument("--in-process", type=int, default=0, metavar="N",
+                      help="also load and run the variants' stored steps alternately N times in one process")
+  parser.add_argument("--load-child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--cache-dir", default=None,
                       help="keep the compilation / executable cache here (reused if it exists: no cold fill "
                            "when it already holds this configuration); default: a temporary directory")
+  if argv is None and "--load-child" in sys.argv:
+    _load_child(sys.argv[sys.argv.index("--load-child") + 1])
+    return 0
   args = parser.parse_args(argv)
+  if args.in_process and (args.env_b or args.options_b is None):
+    parser.error("--in-process compares --options-a with --options-b in one environment (no --env-b)")
   if args.repeats < 1 or args.steps < 0:
     parser.error("--repeats must be >= 1 and --steps >= 0")
   variants = [("A" + ("" if args.options_a == "config" else f" options {args.options_a}"), {}, args.options_a)]
@@ -136,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
       if len(variants) == 2:
         a, b = (statistics.median(r["first"] for r in results[v[0]]) for v in variants)
         print(f"  first step B / A: {b / a:.3f} (medians); load {os.getloadavg()[0]:.1f}", flush=True)
+      if args.in_process:
+        print(f"  in one process, alternated (CPU seconds); load {os.getloadavg()[0]:.1f}", flush=True)
+        job = json.dumps({"specs": specs, "repeats": args.in_process})
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        subprocess.run([sys.executable, "-m", "experiments.benchmarks.warm_start", "--load-child", job], env=base,
+                       cwd=root, check=True)
   finally:
     if tmp is not None:
       tmp.cleanup()
