@@ -9,14 +9,20 @@ structure, shapes, dtypes, shardings: no tracing) plus everything else the progr
   - a hash of every .py file of the jaxflow package (any code change is a miss);
   - jax / jaxlib / flax / optax versions (the step's code is theirs too), the backend's platform and version, the devices (ids, kinds) and process layout;
   - XLA_FLAGS, LIBTPU_INIT_ARGS and the jax config values that change tracing or compilation (x64,
-    matmul precision, PRNG implementation, ...), jaxflow.ops.conv's process-wide implementation choice;
+    matmul precision, PRNG implementation, ...), jaxflow.ops.conv's process-wide implementation choice,
+    the C++ cost-volume kernel the program calls (jaxflow.ops.correlation_ffi; registered before any load);
   - the compiler options passed.
 
 A hit loads the serialized executable (jax.experimental.serialize_executable) and uses it; a miss (or any load
 error: truncated file, unpickling error, version skew) logs one line and takes the normal path (lower +
 compile, which itself uses the persistent compilation cache), then writes the entry (atomically: temp file +
-rename), except when that compile was itself a hit of JAX's persistent cache: on XLA:CPU (jaxlib 0.10.2) such an
-executable does not serialize again (the entry would fail at run time), so it is not stored. A later call whose arguments do not have the first call's signature goes to the plain jitted function.
+rename). When that compile was itself a hit of JAX's persistent cache (the same HLO compiled before, e.g. after a
+jaxflow source edit that left the program unchanged), the executable JAX loaded does not serialize again on
+XLA:CPU (jaxlib 0.10.2: the entry would fail at run time with "Function ... not found"), so the entry is written
+from the persistent cache's own bytes of that executable (the serialization XLA wrote at the original compile;
+`_persistent_hits`); if those cannot be read (another jax version's internals) nothing is stored and the next start
+takes this path again. A later call whose arguments do not have the first call's signature goes to the plain jitted
+function.
 Only single-process runs use the cache (a multi-process executable must be compiled collectively).
 
 Size bound: after every store, the oldest-used entries of the directory are deleted until it holds at most
@@ -50,6 +56,8 @@ import time
 from typing import Any, Callable, Mapping
 
 import jax
+
+from jaxflow.ops import correlation_ffi
 
 FORMAT = 4  # 4: the argument / result trees pickled apart from the executable (loaded after it)
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
@@ -128,6 +136,7 @@ def environment() -> dict[str, Any]:
       "process_count": jax.process_count(), "process_index": jax.process_index(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
       "jax_config": config, "conv_impl": conv_ops.get_default_impl(), "jaxflow_source": source_hash(),
+      "correlation_kernel": correlation_ffi.state(),  # the C++ cost-volume kernel (or none) the step calls
   }
 
 
@@ -156,7 +165,9 @@ def light_environment() -> dict[str, Any]:
   return {"format": FORMAT, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
           "platforms": os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or ""),
-          "jaxflow_source": source_hash()}
+          "jaxflow_source": source_hash(),
+          # Registers the cost-volume kernel's FFI targets if built, before any prefetched executable loads.
+          "correlation_kernel": correlation_ffi.light_state()}
 
 
 def pointer_path(cache_dir: str, name: str, lookup_parts: Mapping[str, Any],
@@ -346,12 +357,15 @@ class CachedFunction:
   lookup_parts: what names this function's pointer to the entry it used last, for a later process's `prefetch`
     (default: key_parts). Something the caller knows before it can build key_parts (its config), so the next
     start can begin loading earlier; the entry is still used only when its full key matches.
+  compiler_options: XLA options of this program's compile (part of the key and of the pointer's name); one XLA
+    rejects is a ValueError naming it as `options_prefix` + its name.
   """
 
   def __init__(self, jitted: Any, name: str, key_parts: Mapping[str, Any], cache_dir: str | None,
                compiler_options: Mapping[str, Any] | None = None, log: Callable[[str], None] = _log,
                max_bytes: int | None | str = "env", prefetched: Prefetch | None = None,
-               lookup_parts: Mapping[str, Any] | None = None):
+               lookup_parts: Mapping[str, Any] | None = None, options_prefix: str = ""):
+    self.options_prefix = options_prefix
     self.max_bytes = max_bytes_from_env() if max_bytes == "env" else parse_size(max_bytes)
     self.lookup_parts = dict(lookup_parts if lookup_parts is not None else key_parts)
     self.prefetched = prefetched
@@ -433,20 +447,26 @@ class CachedFunction:
 
     jax.monitoring.register_event_listener(listener)
     try:
-      compiled = lowered.compile(compiler_options=self.compiler_options)
+      with _persistent_hits() as read_hits:
+        compiled = _compile(lowered, self.compiler_options, self.options_prefix)
     finally:
       jax.monitoring.unregister_event_listener(listener)
     self.timings["compile"] = time.perf_counter() - t
+    executable_bytes = None
     if path and persistent_hits:
       # An executable that JAX itself loaded from its persistent cache does not serialize again on XLA:CPU
-      # (jaxlib 0.10.2: the stored entry fails at run time with "Function ... not found"), so it is not stored;
-      # the next start takes this path again (trace + lower + persistent-cache load).
-      self.log(f"{self.name}: not stored (the executable came from JAX's persistent compilation cache)")
-      path = None
+      # (jaxlib 0.10.2: the stored entry fails at run time with "Function ... not found"): the entry is written
+      # from the persistent cache's bytes of it instead (those XLA serialized at the original compile).
+      hits = read_hits()
+      executable_bytes = hits[0] if len(hits) == 1 else None
+      if executable_bytes is None:
+        self.log(f"{self.name}: not stored (the executable came from JAX's persistent compilation cache, whose "
+                 "entry could not be read)")
+        path = None
     if path:
       t = time.perf_counter()
       try:
-        store(path, compiled)
+        store(path, compiled, executable_bytes)
         self._remember()
         removed = evict(self.cache_dir, self.max_bytes, keep=(path,))
         if removed:
@@ -466,19 +486,122 @@ class CachedFunction:
       pass
 
 
-def store(path: str, compiled: Any) -> None:
+def store(path: str, compiled: Any, executable_bytes: bytes | None = None) -> None:
   """Writes a compiled executable (with its argument / result trees) to `path` atomically.
 
   The trees are pickled apart from the executable (`trees`, bytes): unpickling them imports the classes of
   their nodes (the train state's: flax, optax, jaxflow.train_state, ~0.3-0.5 CPU-s), which `load` does only
-  after XLA has rebuilt the executable, so a background load starts XLA's work right after `import jax`."""
+  after XLA has rebuilt the executable, so a background load starts XLA's work right after `import jax`.
+  executable_bytes: XLA's serialization of `compiled`'s executable to store instead of serializing it now (an
+  executable loaded from JAX's persistent cache: its entry's bytes, see `_persistent_hits`)."""
   from jax.experimental import serialize_executable
-  payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+  if executable_bytes is None:
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+  else:
+    payload, in_tree, out_tree = _serialize_with(compiled, executable_bytes)
   # The devices the executable runs on, in its order (deserialize_and_load would otherwise assume all devices).
   device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
   blob = pickle.dumps({"format": FORMAT, "payload": payload, "payload_sha256": hashlib.sha256(payload).hexdigest(),
                        "trees": pickle.dumps((in_tree, out_tree)), "device_ids": device_ids})
   write_atomic(path, blob)
+
+
+def _compile(lowered: Any, compiler_options: Mapping[str, Any] | None, options_prefix: str = "") -> Any:
+  """lowered.compile(compiler_options=...); an option XLA rejects (unknown name, bad value) is a ValueError
+  naming it as `options_prefix` + its name (e.g. 'config.compiler_options.') with the value and XLA's reason."""
+  try:
+    return lowered.compile(compiler_options=compiler_options)
+  except Exception as e:  # noqa: BLE001 - re-raised unchanged unless an option is the cause
+    msg = str(e)
+    if compiler_options and "INVALID_ARGUMENT" in msg:
+      for name, value in compiler_options.items():
+        if f"option {name}," in msg or f"option: '{name}'" in msg:
+          raise ValueError(f"{options_prefix}{name}={value!r}: XLA rejected this compiler option ({msg.strip()})") \
+              from e
+    raise
+
+
+_hit_recorder = threading.local()
+_hook_lock = threading.Lock()
+_hook_installed = False
+
+
+class _persistent_hits:
+  """Within this context, records on this thread the executables JAX's persistent compilation cache returns;
+  `with _persistent_hits() as read: ...; read()` gives XLA's serialized bytes of each (as written at the
+  original compile), or [] when jax's cache internals (jax._src.compilation_cache, jax 0.10) are not as
+  expected. The hook around `get_executable_and_time` is installed once and passes every call through."""
+
+  def __enter__(self) -> Callable[[], list[bytes]]:
+    self.keys: list[tuple[str, Any]] = []
+    _install_hit_hook()
+    self._previous = getattr(_hit_recorder, "keys", None)
+    _hit_recorder.keys = self.keys
+    return self.read
+
+  def __exit__(self, *exc: Any) -> bool:
+    _hit_recorder.keys = self._previous
+    return False
+
+  def read(self) -> list[bytes]:
+    out = []
+    try:
+      from jax._src import compilation_cache as cc
+      for key, backend in self.keys:
+        raw = cc._get_cache(backend).get(key)
+        if raw is None:
+          return []
+        serialized, _ = cc.extract_executable_and_time(cc.decompress_executable(raw))
+        out.append(serialized)
+    except Exception:  # noqa: BLE001 - internals moved or the entry went away: nothing to store
+      return []
+    return out
+
+
+def _install_hit_hook() -> None:
+  global _hook_installed
+  with _hook_lock:
+    if _hook_installed:
+      return
+    _hook_installed = True
+    try:
+      from jax._src import compilation_cache as cc
+      original = cc.get_executable_and_time
+    except (ImportError, AttributeError):
+      return
+
+    def get_executable_and_time(cache_key, compile_options, backend, executable_devices):
+      executable, compile_time = original(cache_key, compile_options, backend, executable_devices)
+      keys = getattr(_hit_recorder, "keys", None)
+      if executable is not None and keys is not None:
+        keys.append((cache_key, backend))
+      return executable, compile_time
+
+    cc.get_executable_and_time = get_executable_and_time
+
+
+def _serialize_with(compiled: Any, executable_bytes: bytes) -> tuple[bytes, Any, Any]:
+  """What serialize_executable.serialize(compiled) returns (payload, in_tree, out_tree), with `executable_bytes`
+  as the executable's serialization (jax 0.10's steps of `serialize`)."""
+  import io
+
+  from jax._src.lib import _jax
+  from jax._src.lib import xla_client as xc
+  from jax.experimental import serialize_executable
+
+  class Pickler(serialize_executable._JaxPjrtPickler):
+    def persistent_id(self, obj: Any) -> Any:
+      if isinstance(obj, (xc.LoadedExecutable, _jax.Executable)):
+        return ("exec", executable_bytes)
+      return super().persistent_id(obj)
+
+  unloaded = getattr(compiled._executable, "_unloaded_executable", None)
+  if unloaded is None or compiled._params.const_args:
+    raise ValueError("this executable cannot be serialized")
+  args_info_flat, in_tree = jax.tree_util.tree_flatten(compiled.args_info)
+  with io.BytesIO() as f:
+    Pickler(f).dump((unloaded, args_info_flat, compiled._no_kwargs))
+    return f.getvalue(), in_tree, compiled.out_tree
 
 
 def write_atomic(path: str, blob: bytes) -> None:
