@@ -11,6 +11,8 @@ so a cold start is cut by cutting kernels. The cuts, each behind a module switch
     every predict_flow's weight gradient);
   - conv._WHOLE_SPLIT_BYTES: the 'split' weight gradient (SpyNet's 7x7) without its scan over row blocks when
     both gathered matrices fit in that many bytes (the loop's counter, condition and accumulator kernels gone);
+  - losses._FUSED_EPE: each level's masked EPE sum by losses.masked_epe_sum (its own VJP; 3-4 kernels fewer per
+    level of the multiscale loss).
 Variant 'before' turns all of them off (session 8's program), 'after' on (the defaults). Every variant is
 traced, lowered and compiled in turn (compile CPU seconds of this process, the number of fusions that are not
 YNNPACK library calls, i.e. the kernels XLA generates code for), then the steps alternate variant by variant
@@ -27,13 +29,14 @@ import time
 
 import jax
 
-CUTS = ("patches", "whole_split")
+CUTS = ("patches", "whole_split", "fused_epe")
 VARIANTS = ("before", "after") + CUTS + tuple(f"no_{c}" for c in CUTS)
 
 
 def switches(variant: str) -> None:
   """Sets the module switches of `variant`: 'before' (session 8's program), 'after' (the defaults), a cut's name
   (only that cut on) or 'no_' + a cut's name (every cut but that one)."""
+  from jaxflow import losses
   from jaxflow.ops import conv as conv_ops
   if variant not in VARIANTS:
     raise ValueError(f"--variants: unknown variant {variant!r}; expected some of {VARIANTS}")
@@ -41,6 +44,7 @@ def switches(variant: str) -> None:
         for c in CUTS}
   conv_ops._GATHER_PATCHES = on["patches"]
   conv_ops._WHOLE_SPLIT_BYTES = conv_ops.WHOLE_SPLIT_BYTES if on["whole_split"] else 0
+  losses._FUSED_EPE = on["fused_epe"]
 
 
 def kernels(hlo_text: str) -> int:

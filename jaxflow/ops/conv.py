@@ -28,6 +28,9 @@ channels and at least _IM2COL_MIN_CHANNEL_PRODUCT C_in x C_out (FlowNet's conv3_
 convolution is one product of its patch matrix with the kernel, differentiated by jax: XLA:CPU's own convolution
 and its input gradient ran at 0.5-20 GFLOP per CPU-second there. Transposed convolutions (`conv_transpose2d`, the models' deconvs) are
 one product and an overlap-add on CPU, for the same reason (XLA's weight gradient: 2-5 GFLOP per CPU-second).
+Patch matrices and shifted windows are taken by one gather of precomputed indices, not a slice per tap: XLA:CPU
+compiles every slice as a kernel of its own (~40 CPU-ms of a cold start each); the gathers' backward passes are
+slices and pads, never a scatter-add.
 
 Forward and input gradient by Winograd (`use_winograd`, jaxflow.ops.winograd): on the CPU path, float32 3x3
 stride-1 undilated convolutions with padding 1, enough positions per image and channels on both sides (PWC-Net's
