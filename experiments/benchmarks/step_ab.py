@@ -12,7 +12,8 @@ instead of a gather in the blocked one; 'matmul-s6': session 6's CPU path, XLA's
 convolutions where Winograd F(4x4, 3x3) now runs; 'matmul-s7': session 7's, the 'blocked' weight gradient where
 Winograd's now runs; 'matmul-mem7': the default with session 7's memory behaviour: its Winograd loop
 (winograd._LOOP 'map'), LeakyReLU by autodiff of the where (layers._LEAKY_FROM_OUTPUT False) and concatenations'
-input gradients whole and sliced).
+input gradients whole and sliced); 'matmul-cv8': the default with session 8's cost volume (jnp 'tiled_gather')
+instead of the C++ kernel (jaxflow.ops.correlation_ffi).
 
 A variant may add XLA compiler options for its step after a '+': 'IMPL+config' compiles with the model config's
 config.compiler_options (as the trainer does), 'IMPL+NAME=VALUE[+NAME=VALUE]' with those; plain 'IMPL' with XLA's
@@ -45,6 +46,10 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   from jaxflow.models import layers as layers_lib
   from jaxflow.ops import winograd as winograd_ops
   from jaxflow.train_state import INIT_SIZE, create_train_state, make_init_fn
+  # 'matmul-cv8': the default with session 8's cost volume (jnp 'tiled_gather') instead of the C++ kernel.
+  import sys as _sys  # the correlation module (jaxflow.ops.correlation is the function)
+  _sys.modules["jaxflow.ops.correlation"]._CPU_TILED = "tiled_gather" if impl == "matmul-cv8" else "ffi"
+  jax.clear_caches()
   # 'matmul-scan': the matmul weight gradient with the per-tap scan for stride 1 (the default before 'blocked').
   conv_ops._STRIDE1_MODE = "scan" if impl == "matmul-scan" else "blocked"
   # 'matmul-s4': session 4's CPU path (no patch product for small convolutions, XLA's transposed convolutions).
@@ -60,7 +65,7 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   winograd_ops._LOOP = "map" if impl == "matmul-mem7" else "write"
   layers_lib._LEAKY_FROM_OUTPUT = impl != "matmul-mem7"
   conv_ops._SPLIT_DX_MIN_BYTES = 2**62 if impl == "matmul-mem7" else 16 * 2**20
-  impl = "matmul" if impl in ("matmul-scan", "matmul-s4", "matmul-s5", "matmul-s6", "matmul-s7",
+  impl = "matmul" if impl in ("matmul-cv8", "matmul-scan", "matmul-s4", "matmul-s5", "matmul-s6", "matmul-s7",
                               "matmul-mem7") else impl
   conv_ops.set_default_impl(impl)
   model = get_model(model_name, dtype=dtype, **(model_overrides or {}))
