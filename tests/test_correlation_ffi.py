@@ -1,6 +1,7 @@
 """The C++ cost-volume kernel (jaxflow.ops.correlation_ffi, impl 'ffi'): values and gradients against the numpy
 reference and the jnp paths, dtypes, jit / vmap / shard_map, a small PWC-Net, the fallback without a compiler or
-with a failing build, the library's cache key, and a warm start of an executable that calls it."""
+with a failing build, the library's cache key, a warm start of an executable that calls it, and concurrent first
+builds."""
 
 from __future__ import annotations
 
@@ -291,3 +292,25 @@ def test_warm_start_loads_an_executable_that_calls_the_kernel(tmp_path):
   off = run(**{correlation_ffi.ENV_SWITCH: "0"})
   assert off[:2] == (False, False)
   np.testing.assert_allclose(off[2:], first[2:], rtol=1e-5)
+
+
+def test_concurrent_first_builds_leave_one_complete_library(tmp_path):
+  # Two fresh processes build into the same empty cache at once (each compiles to its own temp file and renames
+  # it into place): all load a working kernel, one library remains and no temp file is left behind.
+  script = ("import jax, numpy as np\n"
+            "from jaxflow.ops import correlation, correlation_ffi\n"
+            "assert correlation_ffi.available()\n"
+            "x = np.arange(2 * 5 * 6 * 3, dtype=np.float32).reshape(2, 5, 6, 3) / 50\n"
+            "print('SUM', float(correlation(x, x[::-1], 2, impl='ffi').sum()))\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", correlation_ffi.ENV_CACHE: str(tmp_path / "kernels")}
+  procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env) for _ in range(2)]
+  sums = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    sums.append(float(out.split("SUM")[-1]))
+  x = np.arange(2 * 5 * 6 * 3, dtype=np.float32).reshape(2, 5, 6, 3) / 50
+  np.testing.assert_allclose(sums, [numpy_correlation(x, x[::-1], 2, 1).sum()] * 2, rtol=1e-5)
+  files = os.listdir(tmp_path / "kernels")
+  assert len(files) == 1 and files[0].startswith("correlation-") and files[0].endswith(".so"), files
