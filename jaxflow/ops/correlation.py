@@ -385,10 +385,13 @@ def _by_phases(f1: jax.Array, f2: jax.Array, n: int, s: int, skew: str) -> jax.A
 
 def _resolve(impl: str) -> str:
   """The concrete implementation of `impl` in this process: 'tiled' is `_CPU_TILED` on CPU (the C++ kernel when
-  it is available, else 'tiled_gather') and 'tiled_reshape' on accelerators; 'ffi' without the kernel (no
-  compiler, failed build, switched off: one warning) is 'tiled_gather'."""
+  it is available, else 'tiled_gather') and 'tiled_reshape' on accelerators; 'ffi' is 'tiled_reshape' on
+  accelerators and, without the kernel (no compiler, failed build, switched off: one warning), 'tiled_gather'."""
+  cpu = jax.default_backend() == "cpu"
   if impl == "tiled":
-    impl = _CPU_TILED if jax.default_backend() == "cpu" else "tiled_reshape"
+    impl = _CPU_TILED if cpu else "tiled_reshape"
+  if impl == "ffi" and not cpu:
+    impl = "tiled_reshape"  # the kernel is registered for the CPU platform only
   if impl == "ffi" and not correlation_ffi.available():
     impl = "tiled_gather"
   return impl
