@@ -188,10 +188,14 @@ def available() -> bool:
 
 
 def start_build() -> None:
-  """Starts `available()` in a daemon thread (import time) unless the library is cached or switched off."""
+  """Starts `available()` in a daemon thread (import time) unless the library is cached, switched off, or
+  $JAX_PLATFORMS names platforms without 'cpu' (an accelerator run; a later CPU trace still builds it)."""
   global _builder
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
   with _lock:
     if _status is not None or _builder is not None or not enabled():
+      return
+    if platforms and "cpu" not in platforms.split(","):
       return
     if register_cached():
       return
