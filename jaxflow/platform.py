@@ -62,8 +62,7 @@ def merge_xla_flags(current: str, defaults: Mapping[str, Any]) -> str:
 
 
 def configure(cache_dir: Any = _UNSET, *, min_compile_time_secs: float = 1.0,
-              cpu_flags: Mapping[str, Any] | None = None, conv_impl: str | None = None,
-              default_cpu_flags: bool = True) -> dict[str, Any]:
+              cpu_flags: Mapping[str, Any] | None = None, conv_impl: str | None = None) -> dict[str, Any]:
   """Sets up the compilation cache, CPU XLA flags and the convolution implementation; idempotent.
 
   Args:
@@ -73,15 +72,12 @@ def configure(cache_dir: Any = _UNSET, *, min_compile_time_secs: float = 1.0,
     cpu_flags: XLA flags (name without dashes -> value) added to XLA_FLAGS when the platform is the CPU and
       the backend is not yet initialised; flags the user already set win.
     conv_impl: 'auto' | 'lax' | 'matmul' (see jaxflow.ops.conv.set_default_impl); None keeps the current.
-    default_cpu_flags: no effect (there are no default CPU flags any more); accepted only until
-      experiments/benchmarks/cost_volume.py's --no-default-flags, its last caller, is removed.
   Returns:
     What was applied: {'cache_dir': str | None, 'xla_flags': str, 'flags_applied': bool (cpu_flags),
     'conv_impl': str}.
   """
   if cache_dir is _UNSET:
     cache_dir = os.environ.get("JAXFLOW_COMPILATION_CACHE", DEFAULT_CACHE_DIR)
-  del default_cpu_flags
   flags_applied = False
   if cpu_flags and not _backend_initialized() and _cpu_platform():
     os.environ["XLA_FLAGS"] = merge_xla_flags(os.environ.get("XLA_FLAGS", ""), cpu_flags)

@@ -328,12 +328,10 @@ def main() -> None:
   parser.add_argument("--no-flownetc", action="store_true", help="skip the FlowNetC case")
   parser.add_argument("--step-s", type=float, default=14.67,
                       help="PWC-Net 384x512 b8 train step (s) for the share figure (default: session 8's quiet median)")
-  parser.add_argument("--no-default-flags", action="store_true",
-                      help="keep XLA:CPU's defaults instead of the trainer's (jaxflow.platform.DEFAULT_CPU_FLAGS)")
   args = parser.parse_args()
-  # The trainer's XLA flags (platform.configure, before the backend starts): what a training step runs with.
+  # The trainer's process set-up (platform.configure, before the backend starts): what a training step runs with.
   from jaxflow import platform
-  applied = platform.configure(cache_dir=None, default_cpu_flags=not args.no_default_flags)
+  applied = platform.configure(cache_dir=None)
   variants = args.variants.split(",")
   for v in variants:
     if v not in VARIANTS:
