@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxflow import parallel
 from jaxflow.ops import correlation, correlation_ffi
 from test_correlation import _features, _numpy_adjoint, numpy_correlation
 
@@ -314,3 +315,102 @@ def test_concurrent_first_builds_leave_one_complete_library(tmp_path):
   np.testing.assert_allclose(sums, [numpy_correlation(x, x[::-1], 2, 1).sum()] * 2, rtol=1e-5)
   files = os.listdir(tmp_path / "kernels")
   assert len(files) == 1 and files[0].startswith("correlation-") and files[0].endswith(".so"), files
+
+
+def _kernel_calls(hlo: str) -> list[str]:
+  """The compiled HLO's instructions that call the kernel (forward or backward)."""
+  return [line for line in hlo.splitlines()
+          if f'custom_call_target="{correlation_ffi.TARGET_FWD}"' in line
+          or f'custom_call_target="{correlation_ffi.TARGET_BWD}"' in line]
+
+
+@pytest.mark.parametrize("stride,md", [(1, 4), (2, 4)])  # PWC-Net's stride 1; FlowNetC's stride 2 (pixel phases)
+def test_batch_sharded_jit_runs_the_kernel_on_each_devices_images(stride, md, tmp_path):
+  # The trainer's data parallelism: plain jit, batch sharded on 'data', no shard_map. Each device must run the
+  # kernel on its own 2 of the 4 images (per phase for stride 2), forward and backward, with no all-gather or
+  # all-to-all of the features, and give the single-device values and gradients.
+  if len(jax.devices()) < 2:
+    pytest.skip("needs 2 devices (tests/conftest.py simulates them)")
+  mesh = parallel.make_mesh(2)  # the trainer's mesh (Auto axes)
+  sharding = jax.NamedSharding(mesh, jax.P("data"))
+  shape = (4, 12, 14, 6)
+  f1, f2 = _features(shape, 71)
+  g = _cotangent(shape, md, stride, 72)
+  fwd = jax.jit(lambda a, b: correlation(a, b, md, stride, impl="ffi"), in_shardings=(sharding, sharding),
+                out_shardings=sharding)
+  loss = lambda a, b: jnp.sum(correlation(a, b, md, stride, impl="ffi") * g)
+  vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), in_shardings=(sharding, sharding),
+               out_shardings=(None, (sharding, sharding)))
+  s1, s2 = jax.device_put(f1, sharding), jax.device_put(f2, sharding)
+  k = 2 * (md // stride) + 1
+  per_device = 2 * stride * stride  # images per device the kernel sees (the phases are images too)
+  for jitted, targets in ((fwd, {correlation_ffi.TARGET_FWD}),
+                          (vg, {correlation_ffi.TARGET_FWD, correlation_ffi.TARGET_BWD})):
+    hlo = jitted.lower(s1, s2).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    calls = _kernel_calls(hlo)
+    assert {t for t in targets if any(t in c for c in calls)} == targets, calls
+    for c in calls:  # every operand and result of the call holds the per-device images only
+      shapes = [tuple(int(d) for d in m.split(",")) for m in __import__("re").findall(r"f32\[([0-9,]+)\]", c)]
+      assert shapes and all(s[0] == per_device for s in shapes), c
+  out = fwd(s1, s2)
+  assert out.sharding.is_equivalent_to(sharding, 4)
+  np.testing.assert_allclose(np.asarray(out), numpy_correlation(f1, f2, md, stride), rtol=1e-5, atol=1e-6)
+  value, (d1, d2) = vg(s1, s2)
+  e1, e2 = _numpy_adjoint(f1, f2, g, md, stride)
+  np.testing.assert_allclose(float(value), float(np.sum(numpy_correlation(f1, f2, md, stride) * g)), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(d1), e1, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(d2), e2, rtol=1e-4, atol=1e-5)
+  assert k * k == out.shape[-1]
+  if stride == 1:  # the sharded program round-trips through exec_cache (warm starts of a multi-device trainer)
+    from jaxflow import exec_cache
+    path = str(tmp_path / "vg.jaxexec")
+    exec_cache.store(path, vg.lower(s1, s2).compile())
+    loaded_value, (l1, l2) = exec_cache.load(path)(s1, s2)
+    assert float(loaded_value) == float(value)
+    np.testing.assert_array_equal(np.asarray(l1), np.asarray(d1))
+    np.testing.assert_array_equal(np.asarray(l2), np.asarray(d2))
+
+
+def test_a_sharded_height_is_resharded_and_vmap_inside_sharded_jit_works():
+  # H sharded (the kernel needs whole images): correct values, the kernel sees full-height maps. And vmap inside
+  # a batch-sharded jit (the custom_vmap rule): the kernel sees the vmapped axis and the per-device images.
+  if len(jax.devices()) < 2:
+    pytest.skip("needs 2 devices (tests/conftest.py simulates them)")
+  mesh = parallel.make_mesh(2)  # the trainer's mesh (Auto axes)
+  f1, f2 = _features((2, 12, 10, 5), 73)
+  by_h = jax.NamedSharding(mesh, jax.P(None, "data"))
+  fn = jax.jit(lambda a, b: correlation(a, b, 3, impl="ffi"), in_shardings=(by_h, by_h))
+  hlo = fn.lower(f1, f2).compile().as_text()
+  assert all("f32[2,12,10," in c for c in _kernel_calls(hlo)), _kernel_calls(hlo)
+  np.testing.assert_allclose(np.asarray(fn(f1, f2)), numpy_correlation(f1, f2, 3, 1), rtol=1e-5, atol=1e-6)
+  v1, v2 = np.stack([f1, f2]), np.stack([f2, f1])   # (vmap 2, batch 2, ...) sharded on the batch
+  by_b = jax.NamedSharding(mesh, jax.P(None, "data"))
+  vm = jax.jit(jax.vmap(lambda a, b: correlation(a, b, 3, impl="ffi")), in_shardings=(by_b, by_b))
+  calls = _kernel_calls(vm.lower(v1, v2).compile().as_text())
+  assert calls and all("f32[2,1,12,10,49]" in c for c in calls), calls
+  out = np.asarray(vm(v1, v2))
+  for v in range(2):
+    np.testing.assert_allclose(out[v], numpy_correlation(v1[v], v2[v], 3, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_build_removes_temp_files_of_killed_builds_but_not_recent_ones(fresh_kernel_state, monkeypatch):
+  kernels = fresh_kernel_state / "kernels"
+  kernels.mkdir()
+  stale, recent, other = (kernels / ".tmp-correlation-old.so", kernels / ".tmp-correlation-new.so",
+                          kernels / "notes.so")
+  for p in (stale, recent, other):
+    p.write_bytes(b"partial")
+  two_hours_ago = os.stat(recent).st_mtime - 7200
+  os.utime(stale, (two_hours_ago, two_hours_ago))
+  os.utime(other, (two_hours_ago, two_hours_ago))
+  # A compiler that fails the build (fast): the build still starts, so it clears the stale temp file first.
+  fake = fresh_kernel_state / "fakecc"
+  fake.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "fakecc 0.2"; exit 0; fi\nexit 1\n')
+  fake.chmod(0o755)
+  monkeypatch.setenv("CXX", str(fake))
+  with pytest.warns(RuntimeWarning, match="exited with 1"):
+    assert correlation_ffi.available() is False
+  assert sorted(os.listdir(kernels)) == sorted([recent.name, other.name])  # its own temp file is gone too
+  assert correlation_ffi.remove_stale_temps(str(kernels), older_than=-1.0) == [str(recent)]
+  assert correlation_ffi.remove_stale_temps(str(kernels / "missing")) == []

@@ -373,12 +373,14 @@ def _by_phases(f1: jax.Array, f2: jax.Array, n: int, s: int, skew: str) -> jax.A
   # Zero rows/columns at the end make H, W multiples of s: zeros of f2 add nothing, those of f1 are cropped.
   pad = ((0, 0), (0, hp * s - h), (0, wp * s - w), (0, 0))
 
-  def phases(x):  # (B, H, W, C) -> (s*s*B, H/s, W/s, C), phase (py, px) = x[:, py::s, px::s]
+  # The image axis stays outermost, so a batch sharded over devices stays sharded on the phase images (under
+  # a partitioned jit each device then runs its own images' phases, no all-gather).
+  def phases(x):  # (B, H, W, C) -> (B*s*s, H/s, W/s, C), image b's phase (py, px) = x[b, py::s, px::s]
     x = jnp.pad(x, pad).reshape(b, hp, s, wp, s, c)
-    return jnp.transpose(x, (2, 4, 0, 1, 3, 5)).reshape(s * s * b, hp, wp, c)
+    return jnp.transpose(x, (0, 2, 4, 1, 3, 5)).reshape(b * s * s, hp, wp, c)
 
   out = _stride1(phases(f1), phases(f2), n, skew)
-  out = jnp.transpose(out.reshape(s, s, b, hp, wp, k * k), (2, 3, 0, 4, 1, 5))
+  out = jnp.transpose(out.reshape(b, s, s, hp, wp, k * k), (0, 3, 1, 4, 2, 5))
   return out.reshape(b, hp * s, wp * s, k * k)[:, :h, :w]
 
 

@@ -14,6 +14,10 @@ If the kernel is disabled ($JAXFLOW_CORRELATION_FFI=0), there is no compiler or 
 is False (after one warning naming the command and its stderr) and jaxflow.ops.correlation uses its jnp path:
 training never stops for the kernel and never gets a different answer.
 
+Sharding: under shard_map each shard calls the kernel on its own images; under plain jit with operands sharded
+on the leading (image) axes a custom_partitioning wrapper (see `_partitioned`) makes each device run the kernel
+on its own images, forward and backward, instead of XLA all-gathering the batch onto every device.
+
 Executables that call the kernel (jaxflow.exec_cache, JAX's persistent cache) must not be loaded before the
 targets are registered: `register_cached()` (no build, no compiler call beyond the cached version probe) is
 called by exec_cache before any load, and `state()` is part of exec_cache's key, so a process without the
@@ -22,6 +26,7 @@ kernel never picks up an executable that calls it.
 
 from __future__ import annotations
 
+import copyreg
 import ctypes
 import hashlib
 import os
@@ -30,6 +35,7 @@ import shlex
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 
 import jax
@@ -103,9 +109,37 @@ def library_path(cmd: list[str] | None = None) -> str:
   return os.path.join(cache_dir(), f"correlation-{hashlib.sha256(blob).hexdigest()[:24]}.so")
 
 
+STALE_TEMP_SECONDS = 3600.0
+
+
+def remove_stale_temps(directory: str, older_than: float = STALE_TEMP_SECONDS) -> list[str]:
+  """Deletes `.tmp-correlation-*.so` files in `directory` last modified more than `older_than` seconds ago
+  (left by a build that was killed mid-way; a concurrent build's temp file is younger, and a build takes
+  ~5 s, so it is never touched). Returns the removed paths; files that vanish or resist are skipped."""
+  removed = []
+  now = time.time()
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return removed
+  for name in names:
+    if not (name.startswith(".tmp-correlation-") and name.endswith(".so")):
+      continue
+    path = os.path.join(directory, name)
+    try:
+      if now - os.stat(path).st_mtime > older_than:
+        os.unlink(path)
+        removed.append(path)
+    except OSError:
+      pass
+  return removed
+
+
 def _build(cmd: list[str], path: str) -> None:
-  """Compiles SOURCE into `path` via a temp file + rename; raises RuntimeError with the command and stderr."""
+  """Compiles SOURCE into `path` via a temp file + rename (first removing temp files of builds killed over
+  an hour ago); raises RuntimeError with the command and stderr."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  remove_stale_temps(os.path.dirname(path))
   fd, tmp = tempfile.mkstemp(prefix=".tmp-correlation-", suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
   full = cmd + list(FLAGS) + ["-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
@@ -240,21 +274,112 @@ def _out(shape: tuple[int, ...], like) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=like.sharding, manual_axis_type=like.mat)
 
 
-def forward(f1: jax.Array, f2: jax.Array, n: int) -> jax.Array:
-  """Stride-1 cost volume of float32 (..., H, W, C) maps: (..., H, W, K*K) float32, K = 2n + 1 (mean over C).
-
-  Leading axes beyond (H, W, C) are images (vmap adds them: vmap_method 'broadcast_all')."""
+def _call_fwd(f1: jax.Array, f2: jax.Array, n: int, mat=None) -> jax.Array:
+  """The forward custom call itself on whatever shapes it is given (one device's shard under a partitioner)."""
   k = 2 * n + 1
-  (f1, f2), mat = _varying(f1, f2)
   out = _out(tuple(f1.shape[:-1]) + (k * k,), mat)
   return jax.ffi.ffi_call(TARGET_FWD, out, vmap_method="broadcast_all")(f1, f2, n=np.int64(n))
 
 
-def backward(f1: jax.Array, f2: jax.Array, g: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-  """Gradients (df1, df2), float32 (..., H, W, C), of sum(g * forward(f1, f2, n)) for a float32 cotangent g."""
-  (f1, f2, g), mat = _varying(f1, f2, g)
+def _call_bwd(f1: jax.Array, f2: jax.Array, g: jax.Array, n: int, mat=None) -> tuple[jax.Array, jax.Array]:
+  """The backward custom call itself (df1, df2) on whatever shapes it is given."""
   shape = _out(tuple(f1.shape), mat)
   return jax.ffi.ffi_call(TARGET_BWD, (shape, shape), vmap_method="broadcast_all")(f1, f2, g, n=np.int64(n))
+
+
+# Under jit with sharded operands (no shard_map) XLA's partitioner does not know the custom calls and would
+# all-gather the operands and run the whole batch on every device. So outside shard_map the calls are wrapped
+# in a `custom_partitioning` whose Shardy rule keeps the leading (image) axes' sharding and needs H, W, C and
+# K*K replicated; `partition` asks for every operand and result with the first operand's leading-axis
+# sharding and replicated trailing axes (the partitioner reshards an operand that differs: correct, maybe
+# slow) and runs the call on each device's images. A one-device program inlines the plain call. custom_
+# partitioning has no batching rule, so a `custom_vmap` around it broadcasts unbatched operands and calls it
+# again with the vmapped axis leading (the kernel treats every leading axis as images).
+
+
+def _leading_sharding(mesh, shape) -> jax.sharding.NamedSharding:
+  """`shape`'s NamedSharding on its leading axes, replicated on the last three (H, W, C or K*K)."""
+  spec = tuple(getattr(shape.sharding, "spec", ())) + (None,) * len(shape.shape)
+  lead = len(shape.shape) - 3
+  return jax.sharding.NamedSharding(mesh, jax.P(*spec[:lead], *(None,) * 3))
+
+
+def _pickle_as_none(obj) -> tuple:
+  return type(None), ()
+
+
+def _callbacks_pickle_as_none() -> None:
+  """A compiled executable keeps its custom_partitioning callbacks alive (JAX's private _ShardingCallbackInfo,
+  holding the lowering context) though only the partitioner, during the compile, uses them; they do not
+  pickle, so `jax.experimental.serialize_executable` (jaxflow.exec_cache's warm starts) would fail on every
+  sharded program that calls the kernel. Registered here: they pickle as None (the loaded executable never
+  calls them). A JAX without that class leaves pickling as it is."""
+  try:
+    from jax._src.custom_partitioning import _ShardingCallbackInfo
+  except ImportError:
+    return
+  copyreg.pickle(_ShardingCallbackInfo, _pickle_as_none)
+
+
+def _partitioned(n: int, backward: bool):
+  """The custom_vmap(custom_partitioning) wrapper of the forward (f1, f2) or backward (f1, f2, g) call."""
+  from jax.experimental.custom_partitioning import custom_partitioning
+  _callbacks_pickle_as_none()
+  call = (lambda f1, f2, g: _call_bwd(f1, f2, g, n)) if backward else (lambda f1, f2: _call_fwd(f1, f2, n))
+  wrapped = custom_partitioning(call)
+
+  def partition(mesh, arg_shapes, result_shape):
+    sharding = _leading_sharding(mesh, arg_shapes[0])
+    results = (sharding, sharding) if backward else sharding
+    return mesh, call, results, (sharding,) * len(arg_shapes)
+
+  def infer(mesh, arg_shapes, result_shape):  # the GSPMD partitioner's rule (Shardy uses sharding_rule)
+    sharding = _leading_sharding(mesh, arg_shapes[0])
+    return (sharding, sharding) if backward else sharding
+
+  rule = ("... h w c, ... h w c, ... h w k -> ... h w c, ... h w c" if backward
+          else "... h w c, ... h w c -> ... h w k")
+  wrapped.def_partition(partition, infer_sharding_from_operands=infer, propagate_user_sharding=None,
+                        sharding_rule=rule, need_replication_factors=("h", "w", "c", "k"))
+  batched = jax.custom_batching.custom_vmap(lambda *args: wrapped(*args))
+
+  @batched.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
+    out = batched(*args)
+    return out, ((True, True) if backward else True)
+
+  return batched
+
+
+_wrappers: dict[tuple[int, bool], object] = {}
+
+
+def _wrapper(n: int, backward: bool):
+  with _lock:
+    if (n, backward) not in _wrappers:
+      _wrappers[(n, backward)] = _partitioned(n, backward)
+    return _wrappers[(n, backward)]
+
+
+def forward(f1: jax.Array, f2: jax.Array, n: int) -> jax.Array:
+  """Stride-1 cost volume of float32 (..., H, W, C) maps: (..., H, W, K*K) float32, K = 2n + 1 (mean over C).
+
+  Leading axes beyond (H, W, C) are images (vmap adds them); under jit with operands sharded on those axes
+  each device computes its own images (custom_partitioning), under shard_map each shard calls the kernel."""
+  (f1, f2), mat = _varying(f1, f2)
+  if mat is not None:
+    return _call_fwd(f1, f2, n, mat)
+  return _wrapper(n, False)(f1, f2)
+
+
+def backward(f1: jax.Array, f2: jax.Array, g: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """Gradients (df1, df2), float32 (..., H, W, C), of sum(g * forward(f1, f2, n)) for a float32 cotangent g
+  (partitioned along the leading axes like `forward`)."""
+  (f1, f2, g), mat = _varying(f1, f2, g)
+  if mat is not None:
+    return _call_bwd(f1, f2, g, n, mat)
+  return tuple(_wrapper(n, True)(f1, f2, g))
 
 
 __all__ = ["available", "backward", "enabled", "forward", "register_cached", "start_build", "state"]
