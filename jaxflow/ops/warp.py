@@ -13,7 +13,8 @@ Two implementations with the same maths:
   gradient as one scatter-add of all four corners (autodiff emits four scatters and extra intermediates)
   and the flow gradient from g . image(corner), the corners gathered again in one gather. On XLA:CPU this
   is 2.8x faster than one stored gather plus a batch-wide scatter (experiments/benchmarks/cost_volume.py
-  --warp; BENCHMARKS.md, session 7).
+  --warp; BENCHMARKS.md, session 7). Under a jit with the batch sharded over devices each device loops over
+  its own images (a custom_partitioning around the loop; one device compiles to the same program).
 
 Precision: sampling coordinates and bilinear weights are float32 whatever the image dtype (float64 only
 for a float64 flow in x64 mode); the weighted sum is accumulated in float32 (or float64 for float64
@@ -128,26 +129,90 @@ def _warp_fwd(image, flow):
   return out, (image, index, weight, inside, fx, fy, jnp.zeros((0,), flow.dtype))
 
 
+def _per_image_bwd(image: jax.Array, index: jax.Array, weight: jax.Array, g: jax.Array):
+  """Image gradient and corner products of the backward pass, image by image.
+
+  (B, N, C) flattened image (any float dtype), (B, N, 4) int32 corner index and float weight, (B, N, C) cotangent
+  in the accumulation dtype -> grad_image (B, N, C) and gv (B, N, 4) = g . image(corner_k), both in the cotangent
+  dtype. Per image (lax.map) the scattered-into gradient and the gathered image stay in cache: on XLA:CPU the
+  whole batch at once took 2.5-2.8x as long for both."""
+  n, c = image.shape[1], image.shape[2]
+  acc = g.dtype
+
+  def one_image(xs):
+    im, idx, wt, gi = xs
+    # Image gradient: every output pixel sends weight_k * g to its four source pixels, in one scatter-add.
+    updates = (wt[..., None] * gi[:, None, :]).reshape(n * 4, c)
+    grad_im = jnp.zeros((n, c), acc).at[idx.reshape(n * 4)].add(updates, mode="drop")
+    # g . image(corner_k) for the flow gradient, the corner values gathered again inside the fused products.
+    vals = jnp.take(im, idx.reshape(n * 4), axis=0, mode="clip").reshape(n, 4, c).astype(acc)
+    gv = jnp.einsum("nc,nkc->nk", gi, vals, precision=jax.lax.Precision.HIGHEST)
+    return grad_im, gv
+
+  return jax.lax.map(one_image, (image, index, weight, g))
+
+
+# Under jit with the batch sharded over devices (the trainer: no shard_map), a loop over the sharded axis makes
+# XLA's partitioner all-gather the loop's operands and run every image on every device. So the loop is wrapped in
+# a custom_partitioning: its Shardy rule keeps the image axis's sharding and needs N, C, 4 whole; `partition` asks
+# for every operand and result with the image operand's batch sharding (the partitioner reshards one that
+# differs) and loops over each device's own images. A one-device program inlines the plain loop (same HLO as
+# without the wrapper). custom_partitioning has no batching rule, so a custom_vmap merges a vmapped axis into the
+# image axis. The partitioning callbacks pickle as None (correlation_ffi registers that, for exec_cache).
+_partitioned_bwd = None
+_PARTITION_BWD = True  # False: the plain loop (benchmark A/B: experiments/benchmarks/step_ab.py 'matmul-gather9')
+
+
+def _batch_sharding(mesh, shape) -> jax.sharding.NamedSharding:
+  spec = tuple(getattr(shape.sharding, "spec", ())) + (None,) * len(shape.shape)
+  return jax.sharding.NamedSharding(mesh, jax.P(spec[0], None, None))
+
+
+def _make_partitioned_bwd():
+  from jax.experimental.custom_partitioning import custom_partitioning
+  from jaxflow.ops import correlation_ffi
+  correlation_ffi._callbacks_pickle_as_none()
+  wrapped = custom_partitioning(_per_image_bwd)
+
+  def partition(mesh, arg_shapes, result_shape):
+    sharding = _batch_sharding(mesh, arg_shapes[0])
+    return mesh, _per_image_bwd, (sharding, sharding), (sharding,) * len(arg_shapes)
+
+  def infer(mesh, arg_shapes, result_shape):  # the GSPMD partitioner's rule (Shardy uses sharding_rule)
+    sharding = _batch_sharding(mesh, arg_shapes[0])
+    return sharding, sharding
+
+  wrapped.def_partition(partition, infer_sharding_from_operands=infer, propagate_user_sharding=None,
+                        sharding_rule="b n c, b n k, b n k, b n c -> b n c, b n k",
+                        need_replication_factors=("n", "c", "k"))
+  batched = jax.custom_batching.custom_vmap(lambda *args: wrapped(*args))
+
+  @batched.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    args = [a if bt else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, bt in zip(args, in_batched)]
+    v, b = args[0].shape[:2]
+    out = batched(*(a.reshape((v * b,) + a.shape[2:]) for a in args))
+    return tuple(o.reshape((v, b) + o.shape[1:]) for o in out), (True, True)
+
+  return batched
+
+
+def _per_image_bwd_partitioned(*args: jax.Array):
+  global _partitioned_bwd
+  if not _PARTITION_BWD:
+    return _per_image_bwd(*args)
+  if _partitioned_bwd is None:
+    _partitioned_bwd = _make_partitioned_bwd()
+  return _partitioned_bwd(*args)
+
+
 def _warp_bwd(residuals, g):
   image, index, weight, inside, fx, fy, flow_tag = residuals
   shape, image_dtype, flow_dtype = image.shape, image.dtype, flow_tag.dtype
   b, h, w, c = shape
   acc = jnp.result_type(weight.dtype, image_dtype)
   g = g.astype(acc).reshape(b, h * w, c)
-
-  def one_image(xs):
-    """One image's scatter-add and corner products. Per image (lax.map) the scattered-into gradient and the
-    gathered image stay in cache: on XLA:CPU the whole batch at once took 2.5-2.8x as long for both."""
-    im, idx, wt, gi = xs
-    # Image gradient: every output pixel sends weight_k * g to its four source pixels, in one scatter-add.
-    updates = (wt[..., None] * gi[:, None, :]).reshape(h * w * 4, c)
-    grad_im = jnp.zeros((h * w, c), acc).at[idx.reshape(h * w * 4)].add(updates, mode="drop")
-    # g . image(corner_k) for the flow gradient, the corner values gathered again inside the fused products.
-    vals = jnp.take(im, idx.reshape(h * w * 4), axis=0, mode="clip").reshape(h * w, 4, c).astype(acc)
-    gv = jnp.einsum("nc,nkc->nk", gi, vals, precision=jax.lax.Precision.HIGHEST)
-    return grad_im, gv
-
-  grad_image, gv = jax.lax.map(one_image, (image.reshape(b, h * w, c), index, weight, g))  # (B, HW, C), (B, HW, 4)
+  grad_image, gv = _per_image_bwd_partitioned(image.reshape(b, h * w, c), index, weight, g)  # (B, HW, C), (B, HW, 4)
   # Flow gradient: d weight / d px and d weight / d py of each corner (outside corners are constant 0).
   dwx = jnp.stack([-(1 - fy), 1 - fy, -fy, fy], axis=-1) * inside
   dwy = jnp.stack([-(1 - fx), -fx, 1 - fx, fx], axis=-1) * inside
