@@ -22,7 +22,7 @@ of each example (its `rgb_mean`), divide by rgb_max (1 here: inputs are already 
 
 Departures from the released code, all deliberate:
   - Initialisation is He-normal (layers.kaiming), not PyTorch's xavier_uniform / uniform biases.
-  - FlowNetC runs its siamese tower once on the two frames concatenated along the batch axis (same
+  - FlowNetC runs its siamese tower once on the two frames merged into the batch axis (same
     weights, one kernel launch per layer). With batch_norm=True the statistics are therefore computed over
     both frames together instead of each frame separately.
   - Sizes that are not multiples of 64 are resized up to the next multiple and the flows rescaled to the
@@ -201,12 +201,17 @@ class FlowNetC(nn.Module):
     image1, image2 = _normalise_pair(image1, image2)
     batch = image1.shape[0]
 
-    # Siamese tower: one pass over both frames stacked on the batch axis (shared weights).
+    # Siamese tower: one pass over both frames (shared weights), interleaved per image: (B, 2, ...) merged to
+    # (2B, ...), so under a batch-sharded jit each device's pairs stay on it (a concatenation along the sharded
+    # batch axis and the slices [:B] / [B:] would move images between devices).
     block = lambda x, i: _encoder_block(x, i, encoder, self.batch_norm, self.dtype, train)
-    x = jnp.concatenate([image1, image2], axis=0).astype(self.dtype)
+    pairs = jnp.stack([image1, image2], axis=1).astype(self.dtype)
+    x = pairs.reshape((2 * batch,) + pairs.shape[2:])
     conv2 = block(block(x, 0), 1)
     conv3 = block(conv2, 2)
-    out_conv2a, out_conv3a, out_conv3b = conv2[:batch], conv3[:batch], conv3[batch:]
+    conv2 = conv2.reshape((batch, 2) + conv2.shape[1:])
+    conv3 = conv3.reshape((batch, 2) + conv3.shape[1:])
+    out_conv2a, out_conv3a, out_conv3b = conv2[:, 0], conv3[:, 0], conv3[:, 1]
 
     corr = ops.correlation(out_conv3a, out_conv3b, int(self.search_range), int(self.corr_stride))
     corr = layers.leaky_relu(corr.astype(jnp.float32), 0.1).astype(self.dtype)

@@ -40,6 +40,7 @@ from jaxflow.models.layers import (ConcatConv, check_image_pair, conv, deconv, f
 from jaxflow.ops import correlation, warp_with_mask
 
 COST_VOLUME_NORMS = ("none", "cosine")
+_INTERLEAVE_FRAMES = True  # False: the frames concatenated on the batch axis (benchmark A/B only)
 
 
 def _unit_rms(f: jax.Array) -> jax.Array:
@@ -226,10 +227,17 @@ class PWCNet(nn.Module):
     im1, im2 = fit_to_multiple(image1.astype(jnp.float32), image2.astype(jnp.float32), 2 ** top)
     nh, nw = im1.shape[1], im1.shape[2]
 
-    # One pass of the shared pyramid over both frames (batched together).
-    feats = self.features(jnp.concatenate([im1, im2], axis=0))
-    feats1 = [f[:b] for f in feats]
-    feats2 = [f[b:] for f in feats]
+    # One pass of the shared pyramid over both frames, interleaved per image: (B, 2, ...) merged to (2B, ...), so
+    # under a batch-sharded jit each device's pairs stay on it (a concatenation along the sharded batch axis and
+    # the slices [:B] / [B:] would move images between devices). The pyramid is per image (no batch statistics).
+    if _INTERLEAVE_FRAMES:
+      pairs = jnp.stack([im1, im2], axis=1)
+      feats = self.features(pairs.reshape((2 * b,) + pairs.shape[2:]))
+      feats = [f.reshape((b, 2) + f.shape[1:]) for f in feats]
+      feats1, feats2 = [f[:, 0] for f in feats], [f[:, 1] for f in feats]
+    else:  # the frames concatenated (benchmark A/B only: experiments/benchmarks/step_ab.py 'matmul-gather9')
+      feats = self.features(jnp.concatenate([im1, im2], axis=0))
+      feats1, feats2 = [f[:b] for f in feats], [f[b:] for f in feats]
 
     level_flows = []
     up_flow = up_feat = None
