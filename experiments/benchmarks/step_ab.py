@@ -65,8 +65,12 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   winograd_ops._LOOP = "map" if impl == "matmul-mem7" else "write"
   layers_lib._LEAKY_FROM_OUTPUT = impl != "matmul-mem7"
   conv_ops._SPLIT_DX_MIN_BYTES = 2**62 if impl == "matmul-mem7" else 16 * 2**20
+  # 'matmul-gather9': before the data-parallel fix (warp backward loop unpartitioned, PWC-Net frames concatenated).
+  import importlib as _importlib
+  _importlib.import_module("jaxflow.ops.warp")._PARTITION_BWD = impl != "matmul-gather9"
+  _importlib.import_module("jaxflow.models.pwcnet")._INTERLEAVE_FRAMES = impl != "matmul-gather9"
   impl = "matmul" if impl in ("matmul-cv8", "matmul-scan", "matmul-s4", "matmul-s5", "matmul-s6", "matmul-s7",
-                              "matmul-mem7") else impl
+                              "matmul-mem7", "matmul-gather9") else impl
   conv_ops.set_default_impl(impl)
   model = get_model(model_name, dtype=dtype, **(model_overrides or {}))
   shape = (batch, height, width, 3)
