@@ -13,6 +13,7 @@ import pytest
 
 from jaxflow import losses
 from jaxflow.models import flownet, get_model
+from sharding_helpers import check_sharded_step
 
 # ---------------------------------------------------------------------------------------------------------
 # Parameter counts by hand, from the FlowNet2-PyTorch layer lists: (kernel, in, out, bias) per layer.
@@ -285,7 +286,6 @@ def test_flownet_c_batch_sharded_step_moves_no_activations_between_devices():
   # axis), so the compiled step has no all-gather / all-to-all / collective-permute; same values and gradients.
   if len(jax.devices()) < 2:
     pytest.skip("needs 2 devices (tests/conftest.py simulates them)")
-  from jaxflow import parallel
   model = get_model("flownet_c", encoder_features=(8, 8, 16, 16, 16, 16, 32, 32, 32, 32),
                     decoder_features=(16, 8, 8, 4), search_range=4, corr_stride=2, redir_features=4)
   rng = np.random.default_rng(12)
@@ -297,18 +297,4 @@ def test_flownet_c_batch_sharded_step_moves_no_activations_between_devices():
     flows = model.apply({**variables, "params": params}, a, b, train=False)["flows"]
     return sum(jnp.mean(jnp.square(f - 0.3)) for f in flows)
 
-  mesh = parallel.make_mesh(2)
-  data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
-  step = jax.jit(jax.value_and_grad(loss), in_shardings=(rep, data, data), out_shardings=(rep, rep))
-  s1, s2 = jax.device_put(im1, data), jax.device_put(im2, data)
-  hlo = step.lower(variables["params"], s1, s2).compile().as_text()
-  moved = [line for line in hlo.splitlines()
-           if any(f" {op}(" in line or f" {op}-start(" in line for op in ("all-gather", "all-to-all",
-                                                                          "collective-permute"))]
-  assert not moved, moved[:3]
-  value, grads = step(variables["params"], s1, s2)
-  ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(variables["params"], im1, im2)
-  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
-  for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    scale = float(np.max(np.abs(np.asarray(r)))) + 1e-12
-    np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(r) / scale, atol=1e-5)
+  check_sharded_step(loss, variables["params"], im1, im2)

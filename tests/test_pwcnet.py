@@ -17,6 +17,7 @@ import pytest
 from jaxflow import losses
 from jaxflow.models import get_model
 from jaxflow.ops import warp
+from sharding_helpers import check_sharded_step
 
 KEY = jax.random.key(0)
 MODEL = get_model("pwcnet")
@@ -277,13 +278,6 @@ def test_overfits_a_shifted_pair():
   assert final < zero / 2, (zero, final)
 
 
-def _collectives(hlo: str) -> list[str]:
-  """The compiled HLO's instructions that move activations between devices (the gradients' all-reduce aside)."""
-  return [line for line in hlo.splitlines()
-          if any(f" {op}(" in line or f" {op}-start(" in line for op in ("all-gather", "all-to-all",
-                                                                         "collective-permute"))]
-
-
 def test_batch_sharded_step_moves_no_activations_between_devices():
   # The trainer's data parallelism (plain jit, batch sharded on 'data', parameters replicated): both frames go
   # through the pyramid on the device holding them, and the warp's backward loops over each device's images, so
@@ -291,7 +285,6 @@ def test_batch_sharded_step_moves_no_activations_between_devices():
   # single-device ones.
   if len(jax.devices()) < 2:
     pytest.skip("needs 2 devices (tests/conftest.py simulates them)")
-  from jaxflow import parallel
   model = get_model("pwcnet", search_range=2, pyramid_channels=(8, 16), estimator_channels=(8, 8),
                     context_channels=(8,), context_dilations=(1,), convs_per_level=1, output_level=1)
   rng = np.random.default_rng(9)
@@ -304,16 +297,5 @@ def test_batch_sharded_step_moves_no_activations_between_devices():
     flows = model.apply({**variables, "params": params}, a, b)["flows"]
     return sum(jnp.mean(jnp.square(f - 0.3)) for f in flows)
 
-  mesh = parallel.make_mesh(2)
-  data, rep = parallel.data_sharding(mesh), parallel.replicated(mesh)
-  step = jax.jit(jax.value_and_grad(loss), in_shardings=(rep, data, data), out_shardings=(rep, rep))
-  s1, s2 = jax.device_put(im1, data), jax.device_put(im2, data)
-  hlo = step.lower(variables["params"], s1, s2).compile().as_text()
-  assert not _collectives(hlo), _collectives(hlo)[:3]
+  hlo = check_sharded_step(loss, variables["params"], im1, im2)
   assert "all-reduce" in hlo  # the parameter gradients are summed over the devices
-  value, grads = step(variables["params"], s1, s2)
-  ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(variables["params"], im1, im2)
-  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
-  for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    scale = float(np.max(np.abs(np.asarray(r)))) + 1e-12
-    np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(r) / scale, atol=1e-5)

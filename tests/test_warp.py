@@ -7,6 +7,7 @@ import pytest
 
 from jaxflow.ops import warp, warp_with_mask
 from jaxflow.ops.warp import warp_reference
+from sharding_helpers import collectives
 
 
 def numpy_warp(image: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -258,13 +259,6 @@ def test_bfloat16_gradients_match_reference():
                                rtol=2e-2, atol=2e-2)
 
 
-def _collectives(hlo: str) -> list[str]:
-  """The compiled HLO's instructions that move activations between devices."""
-  return [line for line in hlo.splitlines()
-          if any(f" {op}(" in line or f" {op}-start(" in line for op in ("all-gather", "all-to-all",
-                                                                         "collective-permute"))]
-
-
 def test_batch_sharded_backward_loops_over_each_devices_images():
   # The trainer's data parallelism: plain jit, batch sharded on 'data'. The backward's per-image loop must run on
   # each device's own images (no all-gather of the residuals, as a lax.map over the sharded axis would need), with
@@ -281,7 +275,7 @@ def test_batch_sharded_backward_loops_over_each_devices_images():
                out_shardings=(None, (sharding, sharding)))
   s_image, s_flow = jax.device_put(image, sharding), jax.device_put(flow, sharding)
   hlo = vg.lower(s_image, s_flow).compile().as_text()
-  assert not _collectives(hlo), _collectives(hlo)[:3]
+  assert not collectives(hlo), collectives(hlo)[:3]
   # The loop's scatter-add writes one image's (H*W, C) gradient; its operands are the device's 2 images.
   assert "while(" in hlo and "f32[2,99,3]" in hlo and "f32[4,99,3]" not in hlo
   value, (d_image, d_flow) = vg(s_image, s_flow)
