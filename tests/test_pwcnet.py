@@ -299,3 +299,29 @@ def test_batch_sharded_step_moves_no_activations_between_devices():
 
   hlo = check_sharded_step(loss, variables["params"], im1, im2)
   assert "all-reduce" in hlo  # the parameter gradients are summed over the devices
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_frames_merged_either_way_give_the_same_flows(monkeypatch, interleave):
+  # layers.merge_frames interleaves the pairs on several devices and concatenates them on one; the split returns
+  # each frame's own images and the network's flows do not depend on the layout.
+  from jaxflow.models import layers
+  rng = np.random.default_rng(5)
+  a, b = (jnp.asarray(rng.random((3, 4, 5, 2), np.float32)) for _ in range(2))
+  monkeypatch.setattr(layers, "_INTERLEAVE_FRAMES", interleave)
+  merged = layers.merge_frames(a, b)
+  assert merged.shape == (6, 4, 5, 2)
+  np.testing.assert_array_equal(np.asarray(merged[1 if interleave else 3]), np.asarray(b[0]))
+  first, second = layers.split_frames(merged * 2, 3)
+  np.testing.assert_array_equal(np.asarray(first), np.asarray(a * 2))
+  np.testing.assert_array_equal(np.asarray(second), np.asarray(b * 2))
+  model = get_model("pwcnet", search_range=2, pyramid_channels=(8, 16), estimator_channels=(8, 8),
+                    context_channels=(8,), context_dilations=(1,), convs_per_level=1, output_level=1)
+  im1, im2 = (rng.random((2, 64, 64, 3), np.float32) for _ in range(2))
+  variables = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.2, x.dtype),
+                           jax.eval_shape(model.init, KEY, im1, im2))
+  flows = jax.jit(model.apply)(variables, im1, im2)["flows"]
+  monkeypatch.setattr(layers, "_INTERLEAVE_FRAMES", not interleave)
+  other = jax.jit(model.apply)(variables, im1, im2)["flows"]
+  for f, o in zip(flows, other):
+    np.testing.assert_allclose(np.asarray(f), np.asarray(o), rtol=1e-5, atol=1e-6)

@@ -68,7 +68,7 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   # 'matmul-gather9': before the data-parallel fix (warp backward loop unpartitioned, PWC-Net frames concatenated).
   import importlib as _importlib
   _importlib.import_module("jaxflow.ops.warp")._PARTITION_BWD = impl != "matmul-gather9"
-  _importlib.import_module("jaxflow.models.pwcnet")._INTERLEAVE_FRAMES = impl != "matmul-gather9"
+  layers_lib._INTERLEAVE_FRAMES = False if impl == "matmul-gather9" else None
   impl = "matmul" if impl in ("matmul-cv8", "matmul-scan", "matmul-s4", "matmul-s5", "matmul-s6", "matmul-s7",
                               "matmul-mem7", "matmul-gather9") else impl
   conv_ops.set_default_impl(impl)

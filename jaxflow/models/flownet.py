@@ -201,17 +201,13 @@ class FlowNetC(nn.Module):
     image1, image2 = _normalise_pair(image1, image2)
     batch = image1.shape[0]
 
-    # Siamese tower: one pass over both frames (shared weights), interleaved per image: (B, 2, ...) merged to
-    # (2B, ...), so under a batch-sharded jit each device's pairs stay on it (a concatenation along the sharded
-    # batch axis and the slices [:B] / [B:] would move images between devices).
+    # Siamese tower: one pass over both frames (shared weights); layers.merge_frames keeps each device's pairs on
+    # it when the batch is sharded.
     block = lambda x, i: _encoder_block(x, i, encoder, self.batch_norm, self.dtype, train)
-    pairs = jnp.stack([image1, image2], axis=1).astype(self.dtype)
-    x = pairs.reshape((2 * batch,) + pairs.shape[2:])
-    conv2 = block(block(x, 0), 1)
+    conv2 = block(block(layers.merge_frames(image1, image2).astype(self.dtype), 0), 1)
     conv3 = block(conv2, 2)
-    conv2 = conv2.reshape((batch, 2) + conv2.shape[1:])
-    conv3 = conv3.reshape((batch, 2) + conv3.shape[1:])
-    out_conv2a, out_conv3a, out_conv3b = conv2[:, 0], conv3[:, 0], conv3[:, 1]
+    out_conv2a, _ = layers.split_frames(conv2, batch)
+    out_conv3a, out_conv3b = layers.split_frames(conv3, batch)
 
     corr = ops.correlation(out_conv3a, out_conv3b, int(self.search_range), int(self.corr_stride))
     corr = layers.leaky_relu(corr.astype(jnp.float32), 0.1).astype(self.dtype)

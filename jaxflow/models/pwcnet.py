@@ -36,11 +36,10 @@ import jax.numpy as jnp
 
 from jaxflow.models import register
 from jaxflow.models.layers import (ConcatConv, check_image_pair, conv, deconv, fit_to_multiple, flows_to_input_units,
-                                   leaky_relu, upsample_to_input)
+                                   leaky_relu, merge_frames, split_frames, upsample_to_input)
 from jaxflow.ops import correlation, warp_with_mask
 
 COST_VOLUME_NORMS = ("none", "cosine")
-_INTERLEAVE_FRAMES = True  # False: the frames concatenated on the batch axis (benchmark A/B only)
 
 
 def _unit_rms(f: jax.Array) -> jax.Array:
@@ -227,17 +226,10 @@ class PWCNet(nn.Module):
     im1, im2 = fit_to_multiple(image1.astype(jnp.float32), image2.astype(jnp.float32), 2 ** top)
     nh, nw = im1.shape[1], im1.shape[2]
 
-    # One pass of the shared pyramid over both frames, interleaved per image: (B, 2, ...) merged to (2B, ...), so
-    # under a batch-sharded jit each device's pairs stay on it (a concatenation along the sharded batch axis and
-    # the slices [:B] / [B:] would move images between devices). The pyramid is per image (no batch statistics).
-    if _INTERLEAVE_FRAMES:
-      pairs = jnp.stack([im1, im2], axis=1)
-      feats = self.features(pairs.reshape((2 * b,) + pairs.shape[2:]))
-      feats = [f.reshape((b, 2) + f.shape[1:]) for f in feats]
-      feats1, feats2 = [f[:, 0] for f in feats], [f[:, 1] for f in feats]
-    else:  # the frames concatenated (benchmark A/B only: experiments/benchmarks/step_ab.py 'matmul-gather9')
-      feats = self.features(jnp.concatenate([im1, im2], axis=0))
-      feats1, feats2 = [f[:b] for f in feats], [f[b:] for f in feats]
+    # One pass of the shared pyramid over both frames (per image: no batch statistics); layers.merge_frames keeps
+    # each device's pairs on it when the batch is sharded.
+    feats = [split_frames(f, b) for f in self.features(merge_frames(im1, im2))]
+    feats1, feats2 = [f[0] for f in feats], [f[1] for f in feats]
 
     level_flows = []
     up_flow = up_feat = None
