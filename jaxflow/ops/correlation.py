@@ -9,8 +9,8 @@ Three implementations of the same sums, all `jax.custom_vjp`s (gradients are wri
 - 'ffi' (what 'tiled' means on XLA:CPU when the kernel is available; session 9): a C++ XLA FFI custom call,
   jaxflow/ops/csrc/correlation.cc, built on first use by jaxflow.ops.correlation_ffi (system C++ compiler,
   cached per source / compiler / jaxlib / CPU; $JAXFLOW_CORRELATION_FFI=0 turns it off). Forward and backward
-  of the stride-1 correlation on float32 maps: each image's rows are transposed to channel-major and padded, then
-  8 pixels per vector meet the K shifted f2 rows of one dy in K register accumulators (one load per fused
+  of the stride-1 correlation on float32 maps: each image's rows are copied into 8-pixel chunk windows (a block's
+  channels contiguous, n zero columns of padding), then 8 pixels per vector meet the K shifted f2 rows of one dy in K register accumulators (one load per fused
   multiply-add), rows split over XLA's intra-op thread pool; the f2 gradient is the same loop on the (g, f1)
   pair with the displacements reversed. bfloat16 / float16 inputs are cast to float32 around it (gradients cast
   back); float64 (x64 tests) and a process without the kernel (no compiler, failed build: one warning) use
