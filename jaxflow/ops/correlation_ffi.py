@@ -52,6 +52,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std
 _lock = threading.RLock()
 _status: str | None = None  # None: not tried; 'ready'; 'off' (switched off); 'failed'
 _library: ctypes.CDLL | None = None
+_library_file = ""  # basename of the registered library (what `state` names)
 _builder: threading.Thread | None = None
 _compiler_version: dict[str, str] = {}
 
@@ -154,11 +155,11 @@ def _build(cmd: list[str], path: str) -> None:
 
 
 def _register(path: str) -> None:
-  global _library
+  global _library, _library_file
   lib = ctypes.CDLL(path)
   jax.ffi.register_ffi_target(TARGET_FWD, jax.ffi.pycapsule(lib.JaxflowCorrelationFwd), platform="cpu")
   jax.ffi.register_ffi_target(TARGET_BWD, jax.ffi.pycapsule(lib.JaxflowCorrelationBwd), platform="cpu")
-  _library = lib
+  _library, _library_file = lib, os.path.basename(path)
 
 
 def _fail(message: str) -> None:
@@ -168,15 +169,21 @@ def _fail(message: str) -> None:
                 f"{message}", RuntimeWarning, stacklevel=3)
 
 
+def _settled() -> bool | None:
+  """Under _lock: whether the kernel is registered once that is decided (switched off counts as decided: False),
+  None while it is still to be tried."""
+  global _status
+  if _status is None and not enabled():
+    _status = "off"
+  return None if _status is None else _status == "ready"
+
+
 def register_cached() -> bool:
   """Loads and registers an already-built library (never compiles); True when the targets are registered."""
   global _status
   with _lock:
-    if _status is not None:
-      return _status == "ready"
-    if not enabled():
-      _status = "off"
-      return False
+    if (settled := _settled()) is not None:
+      return settled
     try:
       path = library_path()
     except (OSError, subprocess.SubprocessError):
@@ -199,11 +206,8 @@ def available() -> bool:
   if _builder is not None and _builder is not threading.current_thread():
     _builder.join()
   with _lock:
-    if _status is not None:
-      return _status == "ready"
-    if not enabled():
-      _status = "off"
-      return False
+    if (settled := _settled()) is not None:
+      return settled
     cmd = compiler()
     try:
       path = library_path(cmd)
@@ -241,7 +245,7 @@ def state() -> str:
   """'ffi:<library file>' when traced correlations on CPU call the kernel, else 'jnp' (part of exec_cache's
   key, so an executable calling the kernel is only used by a process that has registered the same library;
   waits for / runs the build)."""
-  return f"ffi:{os.path.basename(library_path())}" if available() else "jnp"
+  return f"ffi:{_library_file}" if available() else "jnp"
 
 
 def light_state() -> str:
@@ -252,7 +256,7 @@ def light_state() -> str:
     return "jnp"
   if not register_cached():
     return "ffi-pending"
-  return f"ffi:{os.path.basename(library_path())}"
+  return f"ffi:{_library_file}"
 
 
 def _varying(*args: jax.Array) -> tuple[tuple[jax.Array, ...], jax.ShapeDtypeStruct | None]:
