@@ -9,11 +9,13 @@ jax.make_array_from_process_local_data assembles into one global array without a
 from __future__ import annotations
 
 import collections
+import copyreg
 import os
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 DATA_AXIS = "data"
@@ -69,6 +71,99 @@ def data_sharding(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.NamedSharding:
   return jax.NamedSharding(mesh, jax.P())
+
+
+def _pickle_as_none(obj) -> tuple:
+  return type(None), ()
+
+
+def _callbacks_pickle_as_none() -> None:
+  """A compiled executable keeps its custom_partitioning callbacks alive (JAX's private _ShardingCallbackInfo,
+  holding the lowering context) though only the partitioner, during the compile, uses them; they do not
+  pickle, so `jax.experimental.serialize_executable` (jaxflow.exec_cache's warm starts) would fail on every
+  sharded program that calls a `per_image` function. Registered by `per_image`: they pickle as None (the loaded
+  executable never calls them). A JAX without that class leaves pickling as it is."""
+  try:
+    from jax._src.custom_partitioning import _ShardingCallbackInfo
+  except ImportError:
+    return
+  copyreg.pickle(_ShardingCallbackInfo, _pickle_as_none)
+
+
+def _parse_rule(rule: str) -> tuple[list[list[str]], list[list[str]]]:
+  """A per-image rule's operand and result terms as lists of their named (per-image) factors."""
+  if rule.count("->") != 1:
+    raise ValueError(f"per_image rule {rule!r} must have one '->' between operands and results")
+  sides = [[term.split() for term in side.split(",")] for side in rule.split("->")]
+  for term in sides[0] + sides[1]:
+    if not term or term[0] != "..." or "..." in term[1:]:
+      raise ValueError(f"per_image rule {rule!r}: every term must be '...' (the image axes) followed by the "
+                       f"per-image factors, got {' '.join(term)!r}")
+  return [t[1:] for t in sides[0]], [t[1:] for t in sides[1]]
+
+
+def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
+  """`fn` made to run on each device's own images under a jit whose operands are sharded on their image axes.
+
+  `fn(*operands)` must treat every leading axis as images: operand i is (..., *f_i) where f_i are the per-image
+  factors named after '...' in `rule`'s i-th term (einsum-like, e.g. "... h w c, ... h w c -> ... h w k"; a
+  factor name shared between terms has one size), and each result likewise; one result term gives one array,
+  several give a tuple. Without this wrapper XLA's partitioner does not know how to split a custom call or a
+  loop over the images, and all-gathers the batch onto every device.
+
+  It is a `jax.experimental.custom_partitioning` whose Shardy rule keeps the image axes' sharding and needs the
+  per-image factors replicated; `partition` asks for every operand and result with the first operand's
+  image-axis sharding and replicated per-image axes (the partitioner reshards an operand that differs: correct,
+  maybe slow) and calls `fn` on each device's images. A one-device program inlines `fn`. custom_partitioning
+  has no batching rule, so a `custom_vmap` broadcasts unbatched operands and calls it again with the vmapped
+  axis as one more leading image axis (no reshape: a batch sharding stays where it is). Not differentiable:
+  callers define the gradient (custom_vjp) with a second per_image function for the backward, as the ops do.
+  Create it once per (fn, rule) (each call makes a new custom_partitioning)."""
+  from jax.experimental.custom_partitioning import custom_partitioning
+  operands, results = _parse_rule(rule)
+  factors = tuple(dict.fromkeys(f for term in operands + results for f in term))
+  _callbacks_pickle_as_none()
+  wrapped = custom_partitioning(fn)
+  single = len(results) == 1
+
+  def shardings(mesh, first, terms):
+    spec = tuple(getattr(first.sharding, "spec", ())) + (None,) * len(first.shape)
+    lead = spec[:len(first.shape) - len(operands[0])]
+    return [jax.sharding.NamedSharding(mesh, jax.P(*lead, *(None,) * len(t))) for t in terms]
+
+  def partition(mesh, arg_shapes, result_shape):
+    out = shardings(mesh, arg_shapes[0], results)
+    return mesh, fn, out[0] if single else tuple(out), tuple(shardings(mesh, arg_shapes[0], operands))
+
+  def infer(mesh, arg_shapes, result_shape):  # the GSPMD partitioner's rule (Shardy uses sharding_rule)
+    out = shardings(mesh, arg_shapes[0], results)
+    return out[0] if single else tuple(out)
+
+  wrapped.def_partition(partition, infer_sharding_from_operands=infer, propagate_user_sharding=None,
+                        sharding_rule=rule, need_replication_factors=factors)
+
+  def call(*args):
+    if len(args) != len(operands):
+      raise ValueError(f"per_image({getattr(fn, '__name__', fn)}) with rule {rule!r} takes {len(operands)} "
+                       f"operands, got {len(args)}")
+    leads = set()
+    for i, (a, term) in enumerate(zip(args, operands)):
+      if jnp.ndim(a) < len(term) + 1:
+        raise ValueError(f"per_image rule {rule!r}: operand {i} needs at least one image axis before its "
+                         f"{len(term)} per-image axes ({' '.join(term)}), got shape {jnp.shape(a)}")
+      leads.add(tuple(jnp.shape(a)[:jnp.ndim(a) - len(term)]))
+    if len(leads) != 1:
+      raise ValueError(f"per_image rule {rule!r}: the operands' image axes differ: {sorted(leads)}")
+    return batched(*args)
+
+  batched = jax.custom_batching.custom_vmap(lambda *args: wrapped(*args))
+
+  @batched.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
+    return batched(*args), (True if single else (True,) * len(results))
+
+  return call
 
 
 def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh) -> int:

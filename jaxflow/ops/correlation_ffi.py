@@ -15,8 +15,8 @@ is False (after one warning naming the command and its stderr) and jaxflow.ops.c
 training never stops for the kernel and never gets a different answer.
 
 Sharding: under shard_map each shard calls the kernel on its own images; under plain jit with operands sharded
-on the leading (image) axes a custom_partitioning wrapper (see `_partitioned`) makes each device run the kernel
-on its own images, forward and backward, instead of XLA all-gathering the batch onto every device.
+on the leading (image) axes a custom_partitioning wrapper (`jaxflow.parallel.per_image`) makes each device run
+the kernel on its own images, forward and backward, instead of XLA all-gathering the batch onto every device.
 
 Executables that call the kernel (jaxflow.exec_cache, JAX's persistent cache) must not be loaded before the
 targets are registered: `register_cached()` (no build, no compiler call beyond the cached version probe) is
@@ -26,7 +26,6 @@ kernel never picks up an executable that calls it.
 
 from __future__ import annotations
 
-import copyreg
 import ctypes
 import hashlib
 import os
@@ -293,67 +292,18 @@ def _call_bwd(f1: jax.Array, f2: jax.Array, g: jax.Array, n: int, mat=None) -> t
 
 # Under jit with sharded operands (no shard_map) XLA's partitioner does not know the custom calls and would
 # all-gather the operands and run the whole batch on every device. So outside shard_map the calls are wrapped
-# in a `custom_partitioning` whose Shardy rule keeps the leading (image) axes' sharding and needs H, W, C and
-# K*K replicated; `partition` asks for every operand and result with the first operand's leading-axis
-# sharding and replicated trailing axes (the partitioner reshards an operand that differs: correct, maybe
-# slow) and runs the call on each device's images. A one-device program inlines the plain call. custom_
-# partitioning has no batching rule, so a `custom_vmap` around it broadcasts unbatched operands and calls it
-# again with the vmapped axis leading (the kernel treats every leading axis as images).
-
-
-def _leading_sharding(mesh, shape) -> jax.sharding.NamedSharding:
-  """`shape`'s NamedSharding on its leading axes, replicated on the last three (H, W, C or K*K)."""
-  spec = tuple(getattr(shape.sharding, "spec", ())) + (None,) * len(shape.shape)
-  lead = len(shape.shape) - 3
-  return jax.sharding.NamedSharding(mesh, jax.P(*spec[:lead], *(None,) * 3))
-
-
-def _pickle_as_none(obj) -> tuple:
-  return type(None), ()
-
-
-def _callbacks_pickle_as_none() -> None:
-  """A compiled executable keeps its custom_partitioning callbacks alive (JAX's private _ShardingCallbackInfo,
-  holding the lowering context) though only the partitioner, during the compile, uses them; they do not
-  pickle, so `jax.experimental.serialize_executable` (jaxflow.exec_cache's warm starts) would fail on every
-  sharded program that calls the kernel. Registered here: they pickle as None (the loaded executable never
-  calls them). A JAX without that class leaves pickling as it is."""
-  try:
-    from jax._src.custom_partitioning import _ShardingCallbackInfo
-  except ImportError:
-    return
-  copyreg.pickle(_ShardingCallbackInfo, _pickle_as_none)
+# by `parallel.per_image` (a custom_partitioning whose rule keeps the leading (image) axes' sharding and needs
+# H, W, C and K*K replicated; vmap adds a leading axis, which the kernel treats as images too).
+_FWD_RULE = "... h w c, ... h w c -> ... h w k"
+_BWD_RULE = "... h w c, ... h w c, ... h w k -> ... h w c, ... h w c"
 
 
 def _partitioned(n: int, backward: bool):
-  """The custom_vmap(custom_partitioning) wrapper of the forward (f1, f2) or backward (f1, f2, g) call."""
-  from jax.experimental.custom_partitioning import custom_partitioning
-  _callbacks_pickle_as_none()
-  call = (lambda f1, f2, g: _call_bwd(f1, f2, g, n)) if backward else (lambda f1, f2: _call_fwd(f1, f2, n))
-  wrapped = custom_partitioning(call)
-
-  def partition(mesh, arg_shapes, result_shape):
-    sharding = _leading_sharding(mesh, arg_shapes[0])
-    results = (sharding, sharding) if backward else sharding
-    return mesh, call, results, (sharding,) * len(arg_shapes)
-
-  def infer(mesh, arg_shapes, result_shape):  # the GSPMD partitioner's rule (Shardy uses sharding_rule)
-    sharding = _leading_sharding(mesh, arg_shapes[0])
-    return (sharding, sharding) if backward else sharding
-
-  rule = ("... h w c, ... h w c, ... h w k -> ... h w c, ... h w c" if backward
-          else "... h w c, ... h w c -> ... h w k")
-  wrapped.def_partition(partition, infer_sharding_from_operands=infer, propagate_user_sharding=None,
-                        sharding_rule=rule, need_replication_factors=("h", "w", "c", "k"))
-  batched = jax.custom_batching.custom_vmap(lambda *args: wrapped(*args))
-
-  @batched.def_vmap
-  def _rule(axis_size, in_batched, *args):
-    args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
-    out = batched(*args)
-    return out, ((True, True) if backward else True)
-
-  return batched
+  """The per_image wrapper of the forward (f1, f2) or backward (f1, f2, g) call."""
+  from jaxflow import parallel
+  if backward:
+    return parallel.per_image(lambda f1, f2, g: _call_bwd(f1, f2, g, n), _BWD_RULE)
+  return parallel.per_image(lambda f1, f2: _call_fwd(f1, f2, n), _FWD_RULE)
 
 
 _wrappers: dict[tuple[int, bool], object] = {}

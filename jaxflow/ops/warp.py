@@ -153,48 +153,20 @@ def _per_image_bwd(image: jax.Array, index: jax.Array, weight: jax.Array, g: jax
 
 
 # Under jit with the batch sharded over devices (the trainer: no shard_map), a loop over the sharded axis makes
-# XLA's partitioner all-gather the loop's operands and run every image on every device. So the loop is wrapped in
-# a custom_partitioning: its Shardy rule keeps the image axis's sharding and needs N, C, 4 whole; `partition` asks
-# for every operand and result with the image operand's batch sharding (the partitioner reshards one that
-# differs) and loops over each device's own images. A one-device program inlines the plain loop (same HLO as
-# without the wrapper). custom_partitioning has no batching rule, so a custom_vmap merges a vmapped axis into the
-# image axis. The partitioning callbacks pickle as None (correlation_ffi registers that, for exec_cache).
+# XLA's partitioner all-gather the loop's operands and run every image on every device. So the loop is wrapped by
+# `parallel.per_image` (a custom_partitioning: each device loops over its own images; a one-device program inlines
+# the plain loop, the same HLO as without the wrapper). Under vmap it gets more leading axes, merged locally.
 _partitioned_bwd = None
 _PARTITION_BWD = True  # False: the plain loop (benchmark A/B: experiments/benchmarks/step_ab.py 'matmul-gather9')
+_BWD_RULE = "... n c, ... n k, ... n k, ... n c -> ... n c, ... n k"
 
 
-def _batch_sharding(mesh, shape) -> jax.sharding.NamedSharding:
-  spec = tuple(getattr(shape.sharding, "spec", ())) + (None,) * len(shape.shape)
-  return jax.sharding.NamedSharding(mesh, jax.P(spec[0], None, None))
-
-
-def _make_partitioned_bwd():
-  from jax.experimental.custom_partitioning import custom_partitioning
-  from jaxflow.ops import correlation_ffi
-  correlation_ffi._callbacks_pickle_as_none()
-  wrapped = custom_partitioning(_per_image_bwd)
-
-  def partition(mesh, arg_shapes, result_shape):
-    sharding = _batch_sharding(mesh, arg_shapes[0])
-    return mesh, _per_image_bwd, (sharding, sharding), (sharding,) * len(arg_shapes)
-
-  def infer(mesh, arg_shapes, result_shape):  # the GSPMD partitioner's rule (Shardy uses sharding_rule)
-    sharding = _batch_sharding(mesh, arg_shapes[0])
-    return sharding, sharding
-
-  wrapped.def_partition(partition, infer_sharding_from_operands=infer, propagate_user_sharding=None,
-                        sharding_rule="b n c, b n k, b n k, b n c -> b n c, b n k",
-                        need_replication_factors=("n", "c", "k"))
-  batched = jax.custom_batching.custom_vmap(lambda *args: wrapped(*args))
-
-  @batched.def_vmap
-  def _rule(axis_size, in_batched, *args):
-    args = [a if bt else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, bt in zip(args, in_batched)]
-    v, b = args[0].shape[:2]
-    out = batched(*(a.reshape((v * b,) + a.shape[2:]) for a in args))
-    return tuple(o.reshape((v, b) + o.shape[1:]) for o in out), (True, True)
-
-  return batched
+def _per_image_bwd_any_lead(image: jax.Array, index: jax.Array, weight: jax.Array, g: jax.Array):
+  """`_per_image_bwd` on (..., N, C) / (..., N, 4) operands: the leading axes merged into one image axis."""
+  lead = image.shape[:-2]
+  flat = lambda a: a.reshape((-1,) + a.shape[-2:])
+  grad_im, gv = _per_image_bwd(flat(image), flat(index), flat(weight), flat(g))
+  return grad_im.reshape(lead + grad_im.shape[1:]), gv.reshape(lead + gv.shape[1:])
 
 
 def _per_image_bwd_partitioned(*args: jax.Array):
@@ -202,7 +174,8 @@ def _per_image_bwd_partitioned(*args: jax.Array):
   if not _PARTITION_BWD:
     return _per_image_bwd(*args)
   if _partitioned_bwd is None:
-    _partitioned_bwd = _make_partitioned_bwd()
+    from jaxflow import parallel
+    _partitioned_bwd = parallel.per_image(_per_image_bwd_any_lead, _BWD_RULE)
   return _partitioned_bwd(*args)
 
 
