@@ -12,6 +12,14 @@ state), then, for every level against the last one: how many leaves of the state
 bitwise, the largest absolute difference and the first step's loss. The last section compiles tiny elementwise
 programs at levels 0-3 and counts the outputs that differ from level 3 (a*b + c: FMA contraction; exp, log, tanh,
 sqrt / divide, pow, sum).
+
+  python -m experiments.benchmarks.tier_numerics --model pwcnet --timeline single --timeline-steps 20
+  python -m experiments.benchmarks.tier_numerics --model pwcnet --timeline tiered --timeline-steps 20
+
+--timeline (one mode per process: XLA keeps compiled programs in memory) measures the end-to-end effect from the
+end of the lowering: 'single' compiles at O3 and runs the steps; 'tiered' compiles at O0, starts the O3 compile in
+a thread, runs O0 steps and switches to O3 at the first step boundary where the compile is done (non-blocking
+check). Printed: seconds to steps 1, 5, 10, ... and the last step, process CPU-s, and the switch step.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--levels", type=int, nargs="+", default=[0, 3])
+  p.add_argument("--timeline", choices=("single", "tiered"), default=None)
+  p.add_argument("--timeline-steps", type=int, default=20)
   args = p.parse_args(argv)
 
   import jax
@@ -68,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
   lowered = step.lower(state, batch)
   print(f"{args.model} {args.height}x{args.width} b{args.batch}: lower {time.perf_counter() - t:.1f} s; "
         f"options {options}", flush=True)
+  if args.timeline:
+    _timeline(args, lowered, options, state, batch)
+    return 0
   results = {}
   for level in args.levels:
     t, c = time.perf_counter(), time.process_time()
@@ -106,6 +119,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  tiny {name}: elements differing from O3: " +
           ", ".join(f"O{lv} {int(np.sum(out[lv] != out[3]))}/{out[3].size}" for lv in (0, 1, 2)), flush=True)
   return 0
+
+
+def _timeline(args, lowered, options, state, batch) -> None:
+  import concurrent.futures
+
+  import jax
+  t0, c0 = time.perf_counter(), time.process_time()
+  marks, switch = [], None
+  level = 3 if args.timeline == "single" else 0
+  compiled = lowered.compile(compiler_options={**options, "xla_backend_optimization_level": level})
+  t_first_compile = time.perf_counter() - t0
+  pending = None
+  if args.timeline == "tiered":
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    pending = pool.submit(lowered.compile, compiler_options={**options, "xla_backend_optimization_level": 3})
+  s = state
+  for i in range(args.timeline_steps):
+    if pending is not None and pending.done():
+      compiled, pending, switch = pending.result(), None, i
+    s, metrics = compiled(s, batch)
+    jax.block_until_ready(metrics)
+    marks.append(time.perf_counter() - t0)
+  n = args.timeline_steps
+  shown = [k for k in (1, 5, 10, 20, 30, 50, 100) if k < n] + [n]
+  print(f"  timeline {args.timeline}: first compile (O{level}) {t_first_compile:.1f} s; "
+        + ", ".join(f"step {k} at {marks[k - 1]:.1f} s" for k in shown)
+        + f"; process CPU {time.process_time() - c0:.1f} s; switched to O3 before step "
+        + (f"{switch + 1}" if switch is not None else ("- (single)" if args.timeline == "single" else "never"))
+        + f"; last step {marks[-1] - marks[-2]:.3f} s (load {os.getloadavg()[0]:.2f})", flush=True)
 
 
 if __name__ == "__main__":
