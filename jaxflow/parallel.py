@@ -90,16 +90,20 @@ def _callbacks_pickle_as_none() -> None:
   copyreg.pickle(_ShardingCallbackInfo, _pickle_as_none)
 
 
-def _parse_rule(rule: str) -> tuple[list[list[str]], list[list[str]]]:
-  """A per-image rule's operand and result terms as lists of their named (per-image) factors."""
+def _parse_rule(rule: str) -> tuple[list[list[str]], list[list[str]], list[bool]]:
+  """A per-image rule's operand and result terms as lists of their named (per-image) factors, and per result
+  whether it is summed over the images (a term without '...')."""
   if rule.count("->") != 1:
     raise ValueError(f"per_image rule {rule!r} must have one '->' between operands and results")
   sides = [[term.split() for term in side.split(",")] for side in rule.split("->")]
-  for term in sides[0] + sides[1]:
-    if not term or term[0] != "..." or "..." in term[1:]:
-      raise ValueError(f"per_image rule {rule!r}: every term must be '...' (the image axes) followed by the "
-                       f"per-image factors, got {' '.join(term)!r}")
-  return [t[1:] for t in sides[0]], [t[1:] for t in sides[1]]
+  for k, term in enumerate(sides[0] + sides[1]):
+    if k < len(sides[0]) and (not term or term[0] != "..."):
+      raise ValueError(f"per_image rule {rule!r}: every operand term must be '...' (the image axes) followed by "
+                       f"the per-image factors, got {' '.join(term)!r}")
+    if "..." in term[1:] or not term:
+      raise ValueError(f"per_image rule {rule!r}: '...' may only lead a term, got {' '.join(term)!r}")
+  summed = [t[0] != "..." for t in sides[1]]
+  return [t[1:] for t in sides[0]], [t if sm else t[1:] for t, sm in zip(sides[1], summed)], summed
 
 
 def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
@@ -108,39 +112,81 @@ def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
   `fn(*operands)` must treat every leading axis as images: operand i is (..., *f_i) where f_i are the per-image
   factors named after '...' in `rule`'s i-th term (einsum-like, e.g. "... h w c, ... h w c -> ... h w k"; a
   factor name shared between terms has one size), and each result likewise; one result term gives one array,
-  several give a tuple. Without this wrapper XLA's partitioner does not know how to split a custom call or a
+  several give a tuple. A result term without '...' (e.g. "... n c, ... n k -> c k") is a sum over all the
+  images (a weight gradient): `fn` returns its images' sum, and the devices' sums are added (an all-reduce of
+  that result only). Without this wrapper XLA's partitioner does not know how to split a custom call or a
   loop over the images, and all-gathers the batch onto every device.
 
   It is a `jax.experimental.custom_partitioning` whose Shardy rule keeps the image axes' sharding and needs the
   per-image factors replicated; `partition` asks for every operand and result with the first operand's
   image-axis sharding and replicated per-image axes (the partitioner reshards an operand that differs: correct,
-  maybe slow) and calls `fn` on each device's images. A one-device program inlines `fn`. custom_partitioning
+  maybe slow) and calls `fn` on each device's images. Constants `fn` closes over (e.g. numpy gather indices,
+  which custom_partitioning refuses) are passed to it as replicated operands. A one-device program inlines
+  `fn`; a process with one device calls `fn` directly (no partitioner, no extra tracing). custom_partitioning
   has no batching rule, so a `custom_vmap` broadcasts unbatched operands and calls it again with the vmapped
-  axis as one more leading image axis (no reshape: a batch sharding stays where it is). Not differentiable:
-  callers define the gradient (custom_vjp) with a second per_image function for the backward, as the ops do.
-  Create it once per (fn, rule) (each call makes a new custom_partitioning)."""
+  axis as one more leading image axis (no reshape: a batch sharding stays where it is); with a summed result it
+  runs `jax.vmap(fn)` instead (not partitioned). Not differentiable: callers define the gradient (custom_vjp)
+  with a second per_image function for the backward, as the ops do."""
   from jax.experimental.custom_partitioning import custom_partitioning
-  operands, results = _parse_rule(rule)
-  factors = tuple(dict.fromkeys(f for term in operands + results for f in term))
+  operands, results, summed = _parse_rule(rule)
   _callbacks_pickle_as_none()
-  wrapped = custom_partitioning(fn)
   single = len(results) == 1
+  lhs, rhs = rule.split("->")
 
-  def shardings(mesh, first, terms):
+  def image_spec(first) -> tuple:
     spec = tuple(getattr(first.sharding, "spec", ())) + (None,) * len(first.shape)
-    lead = spec[:len(first.shape) - len(operands[0])]
-    return [jax.sharding.NamedSharding(mesh, jax.P(*lead, *(None,) * len(t))) for t in terms]
+    return spec[:len(first.shape) - len(operands[0])]
 
-  def partition(mesh, arg_shapes, result_shape):
-    out = shardings(mesh, arg_shapes[0], results)
-    return mesh, fn, out[0] if single else tuple(out), tuple(shardings(mesh, arg_shapes[0], operands))
+  def shardings(mesh, first, terms, whole=()):
+    lead = image_spec(first)
+    return [jax.sharding.NamedSharding(mesh, jax.P(*((None,) * len(t) if sm else (*lead, *(None,) * len(t)))))
+            for t, sm in zip(terms, whole or (False,) * len(terms))]
 
   def infer(mesh, arg_shapes, result_shape):  # the GSPMD partitioner's rule (Shardy uses sharding_rule)
-    out = shardings(mesh, arg_shapes[0], results)
+    out = shardings(mesh, arg_shapes[0], results, summed)
     return out[0] if single else tuple(out)
 
-  wrapped.def_partition(partition, infer_sharding_from_operands=infer, propagate_user_sharding=None,
-                        sharding_rule=rule, need_replication_factors=factors)
+  def build(whole: Callable[..., Any], const_ranks: tuple[int, ...]):
+    """The custom_partitioning of `whole` (fn on the global operands, then len(const_ranks) replicated operands:
+    fn's hoisted constants); each device runs fn on its images (its constants traced again at that shape)."""
+    consts = [[f"z{i}_{j}" for j in range(r)] for i, r in enumerate(const_ranks)]
+    wrapped = custom_partitioning(whole)
+
+    def partition(mesh, arg_shapes, result_shape):
+      out = shardings(mesh, arg_shapes[0], results, summed)
+      axes = tuple(a for entry in image_spec(arg_shapes[0]) if entry is not None
+                   for a in ((entry,) if isinstance(entry, str) else entry))
+
+      def lower(*args):
+        res = fn(*args[:len(operands)])
+        if not (axes and any(summed)):
+          return res
+        res = (res,) if single else tuple(res)
+        res = tuple(jax.lax.psum(r, axes) if sm else r for r, sm in zip(res, summed))
+        return res[0] if single else res
+
+      args = shardings(mesh, arg_shapes[0], operands) + shardings(mesh, arg_shapes[0], consts, (True,) * len(consts))
+      return mesh, lower, out[0] if single else tuple(out), tuple(args)
+
+    full = lhs + "".join(f", {' '.join(t)}" for t in consts) + " ->" + rhs
+    named = full.replace(",", " ").replace("->", " ").split()  # Shardy wants them in order of appearance
+    wrapped.def_partition(partition, infer_sharding_from_operands=infer, propagate_user_sharding=None,
+                          sharding_rule=full, need_replication_factors=tuple(dict.fromkeys(
+                              f for f in named if f != "...")))
+    return wrapped
+
+  plain = build(fn, ())
+
+  def partitioned(*args):
+    # custom_partitioning takes no closed-over constants (e.g. numpy gather indices): they become operands.
+    closed = jax.make_jaxpr(fn)(*(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in args))
+    if not closed.consts:
+      return plain(*args)
+    n = len(args)
+    whole = lambda *a: jax.core.eval_jaxpr(closed.jaxpr, a[n:], *a[:n])
+    out = build(lambda *a: whole(*a)[0] if single else tuple(whole(*a)),
+                tuple(jnp.ndim(c) for c in closed.consts))(*args, *closed.consts)
+    return out
 
   def call(*args):
     if len(args) != len(operands):
@@ -154,14 +200,19 @@ def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
       leads.add(tuple(jnp.shape(a)[:jnp.ndim(a) - len(term)]))
     if len(leads) != 1:
       raise ValueError(f"per_image rule {rule!r}: the operands' image axes differ: {sorted(leads)}")
+    if jax.device_count() == 1:  # nothing to partition: the plain call (no partitioner's tracing at compile)
+      return fn(*args)
     return batched(*args)
 
-  batched = jax.custom_batching.custom_vmap(lambda *args: wrapped(*args))
+  batched = jax.custom_batching.custom_vmap(partitioned)
 
   @batched.def_vmap
   def _rule(axis_size, in_batched, *args):
+    out_batched = True if single else (True,) * len(results)
+    if any(summed):  # the vmapped axis is not summed over: fn per vmapped element
+      return jax.vmap(fn, in_axes=[0 if b else None for b in in_batched])(*args), out_batched
     args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
-    return batched(*args), (True if single else (True,) * len(results))
+    return batched(*args), out_batched
 
   return call
 

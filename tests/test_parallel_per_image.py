@@ -1,5 +1,6 @@
 """parallel.per_image: a per-image computation under a batch-sharded jit runs on each device's own images (no
-activations moved), gives one device's values, works under vmap, and rejects a malformed rule by name."""
+activations moved), gives one device's values (a result summed over the images: the devices' sums added), works
+under vmap, and rejects a malformed rule by name."""
 
 from __future__ import annotations
 
@@ -97,8 +98,45 @@ def test_a_single_result_and_a_sharded_per_image_axis():
   np.testing.assert_allclose(np.asarray(out), _numpy(x, y)[0], rtol=1e-5, atol=1e-6)
 
 
+def _gram(x, g):
+  """sum over the images of x_b^T g_b by a loop over the images (one leading axis), and per image x . g."""
+  def body(t, k):
+    return t + x[k].T @ g[k], None
+  total, _ = jax.lax.scan(body, jnp.zeros((x.shape[-1], g.shape[-1]), x.dtype), jnp.arange(x.shape[0]))
+  return total, jnp.sum(x, -1) * jnp.sum(g, -1)
+
+
+GRAM = "... n c, ... n k -> c k, ... n"
+
+
+def test_a_summed_result_is_each_devices_sum_added_over_the_devices():
+  mesh = _mesh()
+  sharding = parallel.data_sharding(mesh)
+  rng = np.random.default_rng(5)
+  x, g = rng.normal(size=(4, 6, 3)).astype(np.float32), rng.normal(size=(4, 6, 5)).astype(np.float32)
+  fn = jax.jit(parallel.per_image(_gram, GRAM), in_shardings=(sharding, sharding))
+  sx, sg = jax.device_put(x, sharding), jax.device_put(g, sharding)
+  hlo = fn.lower(sx, sg).compile().as_text()
+  assert not collectives(hlo), collectives(hlo)[:3]
+  reduces = [line for line in hlo.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line]
+  assert len(reduces) == 1 and "f32[3,5]" in reduces[0], reduces   # the summed result only
+  assert "f32[2,6,3]" in hlo and "f32[4,6,3]" not in hlo
+  total, per = fn(sx, sg)
+  assert total.sharding.is_fully_replicated and per.sharding.is_equivalent_to(sharding, 2)
+  np.testing.assert_allclose(np.asarray(total), np.einsum("bnc,bnk->ck", x, g), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(per), x.sum(-1) * g.sum(-1), rtol=1e-5, atol=1e-5)
+  # Replicated operands: each device has every image, nothing is added up twice.
+  rep = jax.jit(parallel.per_image(_gram, GRAM), in_shardings=(parallel.replicated(mesh),) * 2)
+  np.testing.assert_allclose(np.asarray(rep(x, g)[0]), np.einsum("bnc,bnk->ck", x, g), rtol=1e-5, atol=1e-5)
+  # vmap: one sum per vmapped element (not over the vmapped axis), with an unbatched operand.
+  vt, vp = jax.jit(jax.vmap(parallel.per_image(_gram, GRAM), in_axes=(0, None)))(np.stack([x, -2 * x]), g)
+  np.testing.assert_allclose(np.asarray(vt), np.einsum("vbnc,bnk->vck", np.stack([x, -2 * x]), g), rtol=1e-5,
+                             atol=1e-5)
+  assert vp.shape == (2, 4, 6)
+
+
 @pytest.mark.parametrize("rule,match", [
-    ("n c, ... n c -> ... n c, ... n", "'n c'"),            # a term without the image axes
+    ("n c, ... n c -> ... n c, ... n", "'n c'"),            # an operand term without the image axes
     ("... n c, ... n c", "'->'"),                            # no results
     ("... n c, ... n ... c -> ... n c, ... n", "'... n ... c'"),
 ])
@@ -116,3 +154,54 @@ def test_operands_that_do_not_fit_the_rule_are_rejected():
     fn(x, y[0])
   with pytest.raises(ValueError, match="image axes differ"):
     fn(x, y[:1])
+
+
+def test_closed_over_constants_become_replicated_operands():
+  # custom_partitioning refuses closed-over constants; a numpy gather index inside fn is passed to it instead.
+  mesh = _mesh()
+  sharding = parallel.data_sharding(mesh)
+  order = np.arange(10)[::-1].copy()   # reverse each image's pixels
+  fn = parallel.per_image(lambda x, y: _loop(jnp.take(x, order, axis=-2), y), RULE)
+  x, y = _data((4, 10, 3), 6)
+  jitted = jax.jit(fn, in_shardings=(sharding, sharding))
+  hlo = jitted.lower(x, y).compile().as_text()
+  assert not collectives(hlo), collectives(hlo)[:3]
+  es, ed = _numpy(x[:, ::-1], y)
+  s, d = jitted(x, y)
+  np.testing.assert_allclose(np.asarray(s), es, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(d), ed, rtol=1e-5, atol=1e-6)
+
+
+def test_one_device_process_calls_fn_directly(monkeypatch):
+  x, y = _data((2, 5, 3), 7)
+  assert "custom_partitioning" in str(jax.make_jaxpr(parallel.per_image(_loop, RULE))(x, y))
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  assert "custom_partitioning" not in str(jax.make_jaxpr(parallel.per_image(_loop, RULE))(x, y))
+
+
+@pytest.mark.parametrize("mode,kernel,cin,cout", [("blocked", 3, 32, 32), ("split", 7, 16, 8),
+                                                  ("winograd", 3, 64, 96)])
+def test_conv_weight_gradients_are_summed_per_device(monkeypatch, mode, kernel, cin, cout):
+  # conv's CPU weight gradients loop over images and row blocks; under the trainer's batch sharding each device
+  # loops over its own images and only the (kh, kw, C_in, C_out) gradient is all-reduced (no all-gather), with one
+  # device's values. Both conv2d and conv2d_concat (the parts path), small shapes with the thresholds lowered.
+  from jaxflow.ops import conv
+  from sharding_helpers import check_sharded_step
+  _mesh()
+  monkeypatch.setattr(conv, "_MIN_TAP_MACS", 0)
+  monkeypatch.setattr(conv, "_WINOGRAD_WGRAD_MIN_POSITIONS", 64)
+  pad = ((kernel // 2,) * 2,) * 2
+  assert conv.weight_grad_mode(cin, cout, (1, 1), 4 * 16 * 16, (kernel, kernel), padding=pad,
+                               image_positions=16 * 16, dtype=jnp.float32) == mode
+  rng = np.random.default_rng(8)
+  im1, im2 = (rng.normal(size=(4, 16, 16, cin // 2)).astype(np.float32) for _ in range(2))
+  params = {"w": jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)) * 0.1, jnp.float32),
+            "v": jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)) * 0.1, jnp.float32)}
+
+  def loss(p, a, b):
+    y = conv.conv2d(jnp.concatenate([a, b], -1), p["w"], padding=pad, impl="matmul")
+    z = conv.conv2d_concat([a, b], p["v"], padding=pad, impl="matmul")
+    return jnp.sum(jnp.sin(y) * z)
+
+  hlo = check_sharded_step(loss, params, im1, im2)
+  assert "all-reduce" in hlo
