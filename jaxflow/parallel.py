@@ -90,20 +90,21 @@ def _callbacks_pickle_as_none() -> None:
   copyreg.pickle(_ShardingCallbackInfo, _pickle_as_none)
 
 
-def _parse_rule(rule: str) -> tuple[list[list[str]], list[list[str]], list[bool]]:
-  """A per-image rule's operand and result terms as lists of their named (per-image) factors, and per result
-  whether it is summed over the images (a term without '...')."""
+def _parse_rule(rule: str) -> tuple[list[list[str]], list[list[str]], list[bool], list[bool]]:
+  """A per-image rule's operand and result terms as lists of their named (per-image) factors, per operand whether
+  it is whole (replicated: a term without '...'), and per result whether it is summed over the images (ditto)."""
   if rule.count("->") != 1:
     raise ValueError(f"per_image rule {rule!r} must have one '->' between operands and results")
   sides = [[term.split() for term in side.split(",")] for side in rule.split("->")]
-  for k, term in enumerate(sides[0] + sides[1]):
-    if k < len(sides[0]) and (not term or term[0] != "..."):
-      raise ValueError(f"per_image rule {rule!r}: every operand term must be '...' (the image axes) followed by "
-                       f"the per-image factors, got {' '.join(term)!r}")
+  if not sides[0][0] or sides[0][0][0] != "...":
+    raise ValueError(f"per_image rule {rule!r}: the first operand term must be '...' (the image axes) followed by "
+                     f"the per-image factors, got {' '.join(sides[0][0])!r}")
+  for term in sides[0] + sides[1]:
     if "..." in term[1:] or not term:
       raise ValueError(f"per_image rule {rule!r}: '...' may only lead a term, got {' '.join(term)!r}")
-  summed = [t[0] != "..." for t in sides[1]]
-  return [t[1:] for t in sides[0]], [t if sm else t[1:] for t, sm in zip(sides[1], summed)], summed
+  whole, summed = ([t[0] != "..." for t in side] for side in sides)
+  strip = lambda terms, flags: [t if f else t[1:] for t, f in zip(terms, flags)]
+  return strip(sides[0], whole), strip(sides[1], summed), whole, summed
 
 
 def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
@@ -114,7 +115,8 @@ def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
   factor name shared between terms has one size), and each result likewise; one result term gives one array,
   several give a tuple. A result term without '...' (e.g. "... n c, ... n k -> c k") is a sum over all the
   images (a weight gradient): `fn` returns its images' sum, and the devices' sums are added (an all-reduce of
-  that result only). Without this wrapper XLA's partitioner does not know how to split a custom call or a
+  that result only). An operand term without '...' (not the first) is an operand every device gets whole (a
+  kernel). Without this wrapper XLA's partitioner does not know how to split a custom call or a
   loop over the images, and all-gathers the batch onto every device.
 
   It is a `jax.experimental.custom_partitioning` whose Shardy rule keeps the image axes' sharding and needs the
@@ -128,7 +130,7 @@ def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
   runs `jax.vmap(fn)` instead (not partitioned). Not differentiable: callers define the gradient (custom_vjp)
   with a second per_image function for the backward, as the ops do."""
   from jax.experimental.custom_partitioning import custom_partitioning
-  operands, results, summed = _parse_rule(rule)
+  operands, results, whole_ops, summed = _parse_rule(rule)
   _callbacks_pickle_as_none()
   single = len(results) == 1
   lhs, rhs = rule.split("->")
@@ -165,7 +167,7 @@ def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
         res = tuple(jax.lax.psum(r, axes) if sm else r for r, sm in zip(res, summed))
         return res[0] if single else res
 
-      args = shardings(mesh, arg_shapes[0], operands) + shardings(mesh, arg_shapes[0], consts, (True,) * len(consts))
+      args = shardings(mesh, arg_shapes[0], operands, whole_ops) + shardings(mesh, arg_shapes[0], consts, (True,) * len(consts))
       return mesh, lower, out[0] if single else tuple(out), tuple(args)
 
     full = lhs + "".join(f", {' '.join(t)}" for t in consts) + " ->" + rhs
@@ -193,7 +195,12 @@ def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
       raise ValueError(f"per_image({getattr(fn, '__name__', fn)}) with rule {rule!r} takes {len(operands)} "
                        f"operands, got {len(args)}")
     leads = set()
-    for i, (a, term) in enumerate(zip(args, operands)):
+    for i, (a, term, wh) in enumerate(zip(args, operands, whole_ops)):
+      if wh:
+        if jnp.ndim(a) != len(term):
+          raise ValueError(f"per_image rule {rule!r}: operand {i} ({' '.join(term)}) must have {len(term)} axes, "
+                           f"got shape {jnp.shape(a)}")
+        continue
       if jnp.ndim(a) < len(term) + 1:
         raise ValueError(f"per_image rule {rule!r}: operand {i} needs at least one image axis before its "
                          f"{len(term)} per-image axes ({' '.join(term)}), got shape {jnp.shape(a)}")
@@ -209,9 +216,11 @@ def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
   @batched.def_vmap
   def _rule(axis_size, in_batched, *args):
     out_batched = True if single else (True,) * len(results)
-    if any(summed):  # the vmapped axis is not summed over: fn per vmapped element
+    if any(summed) or any(b and wh for b, wh in zip(in_batched, whole_ops)):
+      # Not over the images (summed results, a whole operand that varies): fn per vmapped element.
       return jax.vmap(fn, in_axes=[0 if b else None for b in in_batched])(*args), out_batched
-    args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
+    args = [a if b or wh else jnp.broadcast_to(a, (axis_size,) + a.shape)
+            for a, b, wh in zip(args, in_batched, whole_ops)]
     return batched(*args), out_batched
 
   return call

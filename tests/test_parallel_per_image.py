@@ -136,7 +136,7 @@ def test_a_summed_result_is_each_devices_sum_added_over_the_devices():
 
 
 @pytest.mark.parametrize("rule,match", [
-    ("n c, ... n c -> ... n c, ... n", "'n c'"),            # an operand term without the image axes
+    ("n c, ... n c -> ... n c, ... n", "'n c'"),            # a first operand term without the image axes
     ("... n c, ... n c", "'->'"),                            # no results
     ("... n c, ... n ... c -> ... n c, ... n", "'... n ... c'"),
 ])
@@ -205,3 +205,31 @@ def test_conv_weight_gradients_are_summed_per_device(monkeypatch, mode, kernel, 
 
   hlo = check_sharded_step(loss, params, im1, im2)
   assert "all-reduce" in hlo
+
+
+def test_winograd_loops_over_each_devices_images_with_the_kernel_whole():
+  # winograd.conv3x3_same's loop over images (values and input gradients of the 3x3 convolutions): the kernel is
+  # a whole operand (a term without '...'), x stays sharded; with output splits too; vmap with a shared kernel
+  # and with a kernel per vmapped element.
+  from jaxflow.ops import winograd
+  mesh = _mesh()
+  sharding = parallel.data_sharding(mesh)
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(4, 9, 10, 5)).astype(np.float32)
+  w = (rng.normal(size=(3, 3, 5, 6)) * 0.2).astype(np.float32)
+  ref = np.asarray(jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  for splits in (None, (2, 4), (6,)):
+    fn = jax.jit(lambda a, k: winograd.conv3x3_same(a, k, splits=splits),
+                 in_shardings=(sharding, parallel.replicated(mesh)))
+    hlo = fn.lower(x, w).compile().as_text()
+    assert not collectives(hlo), collectives(hlo)[:3]
+    out = fn(jax.device_put(x, sharding), w)
+    got = np.asarray(out) if splits is None else np.concatenate([np.asarray(o) for o in out], -1)
+    assert splits is None or len(out) == len(splits)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  vx = np.stack([x, -x])
+  vm = jax.jit(jax.vmap(winograd.conv3x3_same, in_axes=(0, None)))(vx, w)
+  np.testing.assert_allclose(np.asarray(vm), np.stack([ref, -ref]), rtol=1e-4, atol=1e-4)
+  vw = jax.jit(jax.vmap(winograd.conv3x3_same))(vx, np.stack([w, 2 * w]))
+  np.testing.assert_allclose(np.asarray(vw), np.stack([ref, -2 * ref]), rtol=1e-4, atol=1e-4)

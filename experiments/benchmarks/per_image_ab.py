@@ -1,6 +1,7 @@
-r"""A/B of the convolution weight gradients under the trainer's 2-device data parallelism: each device summing its
-own images (`parallel.per_image` around conv's weight-gradient loops, the default) against the plain loops (which
-XLA's partitioner feeds by all-gathering the batch), compiled in one process and timed alternately.
+r"""A/B of the convolutions' loops over images under the trainer's 2-device data parallelism: each device looping
+over its own images (`parallel.per_image` around conv's weight-gradient loops, summed per device, and around
+Winograd's loop for values and input gradients: the default) against the plain loops (which XLA's partitioner
+feeds by all-gathering the batch), compiled in one process and timed alternately.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=2 \
     python -m experiments.benchmarks.per_image_ab --model pwcnet --height 128 --width 128 --batch 4 --rounds 5
@@ -27,12 +28,18 @@ import numpy as np
 def build(model_name: str, height: int, width: int, batch: int, variant: str):
   from jaxflow import parallel
   from jaxflow.models import get_model
-  from jaxflow.ops import conv
+  from jaxflow.ops import conv, winograd
   sys.path.insert(0, "tests")
   from sharding_helpers import collectives
   if not hasattr(build, "original"):
-    build.original = conv._summed_per_device
-  conv._summed_per_device = build.original if variant == "per_image" else (lambda fn, xs, g: fn(list(xs), g))
+    build.original = conv._summed_per_device, winograd.conv3x3_same
+
+  def winograd_plain(x, w, images_per_step=1, splits=None):
+    bounds = np.cumsum([0] + ([w.shape[3]] if splits is None else [int(c) for c in splits])).tolist()
+    return winograd._conv3x3_same(x, w, images_per_step, splits, bounds)
+
+  plain = (lambda fn, xs, g: fn(list(xs), g)), winograd_plain
+  conv._summed_per_device, winograd.conv3x3_same = build.original if variant == "per_image" else plain
   model = get_model(model_name)
   rng = np.random.default_rng(0)
   im1, im2 = (rng.random((batch, height, width, 3), np.float32) for _ in range(2))
@@ -53,7 +60,7 @@ def build(model_name: str, height: int, width: int, batch: int, variant: str):
   seconds = time.perf_counter() - t
   hlo = step.as_text()
   reduces = sum(1 for line in hlo.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line)
-  conv._summed_per_device = build.original
+  conv._summed_per_device, winograd.conv3x3_same = build.original
   return step, (params, a, b), seconds, len(collectives(hlo)), reduces
 
 
