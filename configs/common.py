@@ -25,6 +25,12 @@ Top-level fields:
                         --config.compiler_options.NAME=VALUE changes a given option, --config.compiler_options=
                         "{'NAME': 'VALUE'}" replaces the set ({} = none). XLA rejecting a name or value is an error
                         naming config.compiler_options.NAME (at the step's compile).
+  fast_compile_steps    int >= 0 (default 1; 0 = off): on the CPU backend, global steps < this value (counted from
+                        step 0, so a resume at a later step never uses it) run the train step compiled with
+                        compiler_options plus xla_backend_optimization_level=0 (about half the compile; slower
+                        steps, and not bitwise equal to the full program's); the full program is compiled in the
+                        background meanwhile and used from this step on. Results depend only on the config and the
+                        start step. Ignored on GPU / TPU.
 """
 
 from __future__ import annotations
@@ -122,6 +128,7 @@ def base_config(model_name: str, **model_overrides: Any) -> ml_collections.Confi
   c.trainable_levels = ()
   c.spynet_copy_previous_level = False
   c.compiler_options = ml_collections.ConfigDict()
+  c.fast_compile_steps = 1
   return c
 
 
@@ -178,6 +185,9 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if int(c[key]) <= 0:
       raise ValueError(f"config.{key} must be positive, got {c[key]}")
+  fast = c.get("fast_compile_steps", 0)
+  if isinstance(fast, bool) or not isinstance(fast, int) or fast < 0:
+    raise ValueError(f"config.fast_compile_steps={fast!r}: expected a non-negative integer (0 = off)")
   if c.eval_every_steps < 0:
     raise ValueError(f"config.eval_every_steps must be >= 0, got {c.eval_every_steps}")
   for name, ev in c.evals.items():

@@ -63,6 +63,9 @@ FORMAT = 4  # 4: the argument / result trees pickled apart from the executable (
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 MAX_BYTES_ENV = "JAXFLOW_EXEC_CACHE_MAX_BYTES"
 TEMP_PREFIX = ".tmp-"
+# Added to a train step's options for its fast tier (config.fast_compile_steps; CPU): LLVM -O0, about half the
+# compile of -O3, slower steps, and not bitwise equal to the full program (no FMA contraction).
+FAST_TIER_OPTIONS = {"xla_backend_optimization_level": 0}
 STALE_TEMP_SECS = 3600.0  # a temp file this old belongs to a writer that died: removed by eviction
 PERSISTENT_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _CONFIG_NAMES = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl", "jax_numpy_rank_promotion",
@@ -364,8 +367,15 @@ class CachedFunction:
   def __init__(self, jitted: Any, name: str, key_parts: Mapping[str, Any], cache_dir: str | None,
                compiler_options: Mapping[str, Any] | None = None, log: Callable[[str], None] = _log,
                max_bytes: int | None | str = "env", prefetched: Prefetch | None = None,
-               lookup_parts: Mapping[str, Any] | None = None, options_prefix: str = ""):
+               lookup_parts: Mapping[str, Any] | None = None, options_prefix: str = "",
+               keep_lowered: bool = False, lowered_from: "CachedFunction | None" = None):
     self.options_prefix = options_prefix
+    # keep_lowered: a miss keeps its lowering in `lowered` for another CachedFunction of the same jitted function
+    # (lowered_from=this one), which then compiles it with its own options instead of tracing and lowering again
+    # (the trainer's O0 and full tiers of one train step; drop it with `release_lowered()`).
+    self.keep_lowered = keep_lowered
+    self.lowered_from = lowered_from
+    self.lowered: Any = None
     self.max_bytes = max_bytes_from_env() if max_bytes == "env" else parse_size(max_bytes)
     self.lookup_parts = dict(lookup_parts if lookup_parts is not None else key_parts)
     self.prefetched = prefetched
@@ -436,13 +446,21 @@ class CachedFunction:
       self.log(f"{self.name}: no cached executable ({os.path.basename(path)}); compiling")
     self.hit = False
     t = time.perf_counter()
-    lowered = self.jitted.lower(*args)
+    source = self.lowered_from
+    if source is not None and source.lowered is not None and source._signature == self._signature:
+      lowered = source.lowered
+    else:
+      lowered = self.jitted.lower(*args)
+    if self.keep_lowered:
+      self.lowered = lowered
     self.timings["lower"] = time.perf_counter() - t
     t = time.perf_counter()
     persistent_hits: list[str] = []
+    thread = threading.get_ident()
 
     def listener(event: str, **kwargs: Any) -> None:
-      if event == PERSISTENT_CACHE_HIT_EVENT:
+      # Only this thread's compile (another thread may compile at the same time: the trainer's background tier).
+      if event == PERSISTENT_CACHE_HIT_EVENT and threading.get_ident() == thread:
         persistent_hits.append(event)
 
     jax.monitoring.register_event_listener(listener)
@@ -477,6 +495,9 @@ class CachedFunction:
       self.timings["store"] = time.perf_counter() - t
     return compiled
 
+  def release_lowered(self) -> None:
+    self.lowered = None
+
   def _remember(self) -> None:
     """Records this key as the one (name, key parts, environment) used last, for `prefetch`."""
     try:
@@ -484,6 +505,57 @@ class CachedFunction:
                     self.key.encode())
     except OSError:
       pass
+
+
+class TieredStep:
+  """jaxflow.trainer's train step of a run whose global steps < `switch` use the fast (O0) tier: the fast executable is
+  compiled (or loaded) on the caller's thread at the first call; right after, a background thread compiles (or
+  loads) the full one, which the caller takes, waiting for it only there, at the first step >= `switch`. So a
+  step's executable depends only on its global step and the config, never on timing or the cache's state."""
+
+  def __init__(self, fast: CachedFunction, full: CachedFunction, switch: int):
+    self.fast, self.full, self.switch = fast, full, switch
+    self._thread = None
+    self._error: BaseException | None = None
+    self.tiers: list[tuple[int, str]] = []  # (first global step, "fast" | "full"): the switch points taken
+
+  def start_full(self, args: tuple[Any, ...]) -> None:
+    # The arguments' shapes / dtypes / shardings (the state is donated to the fast step meanwhile).
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,
+                                                           weak_type=bool(getattr(x, "weak_type", False)))
+                            if isinstance(x, jax.Array) else x, args)
+
+    def run() -> None:
+      try:
+        self.full.compiled = self.full.compile(*abstract)
+      except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread at the switch
+        self._error = e
+      finally:
+        self.fast.release_lowered()
+
+    self._thread = threading.Thread(target=run, daemon=True, name="jaxflow-full-train-step")
+    self._thread.start()
+
+  def wait_full(self) -> None:
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    if self._error is not None:
+      raise self._error
+
+  def __call__(self, step: int, state: Any, batch: Any) -> Any:
+    if step < self.switch:
+      if self.fast.compiled is None:
+        self.fast.compiled = self.fast.compile(state, batch)
+        self.start_full((state, batch))
+      if not self.tiers or self.tiers[-1][1] != "fast":
+        self.tiers.append((step, "fast"))
+      return self.fast(state, batch)
+    if self.full.compiled is None or self._thread is not None:
+      self.wait_full()
+    if not self.tiers or self.tiers[-1][1] != "full":
+      self.tiers.append((step, "full"))
+    return self.full(state, batch)
 
 
 def store(path: str, compiled: Any, executable_bytes: bytes | None = None) -> None:

@@ -62,6 +62,20 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None
                                    cpu=jax.default_backend() == "cpu")
 
 
+FAST_COMPILE_KEY = "config.fast_compile_steps"
+FAST_TIER_OPTIONS = exec_cache.FAST_TIER_OPTIONS
+
+
+def fast_compile_steps(config: ml_collections.ConfigDict) -> int:
+  """config.fast_compile_steps (0 when the config has no such field): how many global steps from step 0 run on the
+  train step compiled with FAST_TIER_OPTIONS added (CPU backend only). A negative or non-integer value is a
+  ValueError naming the key."""
+  value = config.get("fast_compile_steps", 0)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"{FAST_COMPILE_KEY}={value!r}: expected a non-negative integer (0 = off)")
+  return int(value)
+
+
 def _tf_xla_cache() -> None:
   # Before TensorFlow's import (the first pipeline call, in the prefetch thread): TensorFlow keeps the input
   # pipeline's XLA-compiled renderer / augmentation beside JAX's compilation cache (data_pipelines.tf_cache).
@@ -287,7 +301,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Per-program XLA options of the train and eval steps (config.compiler_options; PWC-Net's keep YNNPACK to
     # the convolutions), part of the executable cache's key and of the pointer's name.
     options = compiler_options(config)
-    step_prefetch = exec_cache.prefetch("train_step", lookup_parts, cache_dir, options)
+    # The first fast_compile_steps global steps of a run (CPU only) use the step compiled at LLVM -O0 (about half
+    # the compile); a resume at or after that step never does. Which executable runs a step is fixed by the
+    # config and the step, so results never depend on how long the full compile took.
+    fast_steps = fast_compile_steps(config)
+    tiered = fast_steps > 0 and jax.default_backend() == "cpu" and (start or 0) < fast_steps
+    fast_options = {**(options or {}), **FAST_TIER_OPTIONS}
+    # Tiered: the full step is loaded by the background thread after the fast one (no two loads at once).
+    step_prefetch = exec_cache.prefetch("train_step_o0" if tiered else "train_step", lookup_parts, cache_dir,
+                                        fast_options if tiered else options)
     # A fresh run (nothing to resume) also starts the parameters' host draws in threads: the values of the tree
     # this config led to last, used only if the model's tree, rules and seed match (param_init).
     host_prefetch = param_init.prefetch_host_variables(lookup_parts, config.seed, cache_dir) if start is None \
@@ -332,9 +354,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # the options and the jaxflow sources (jaxflow.exec_cache); off without a compilation cache dir and for
     # injected models / losses (their code is not hashed): then it only compiles (an option XLA rejects is an
     # error naming config.compiler_options.<name>).
-    train_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir, options,
-                                           prefetched=step_prefetch, lookup_parts=lookup_parts,
-                                           options_prefix=OPTIONS_PREFIX)
+    full_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir, options,
+                                          prefetched=None if tiered else step_prefetch, lookup_parts=lookup_parts,
+                                          options_prefix=OPTIONS_PREFIX)
+    if tiered:
+      # Same jitted function (donation, shardings), one lowering compiled twice: options + O0, then options.
+      fast_step = exec_cache.CachedFunction(train_step, "train_step_o0", cache_parts, cache_dir, fast_options,
+                                            prefetched=step_prefetch, lookup_parts=lookup_parts,
+                                            options_prefix=OPTIONS_PREFIX, keep_lowered=True)
+      full_step.lowered_from = fast_step
+      train_step = exec_cache.TieredStep(fast_step, full_step, fast_steps)
+    else:
+      train_step = lambda step, state, batch, _f=full_step: _f(state, batch)
     eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(state_sharding, dshard),
                         out_shardings=(rep, dshard), compiler_options=options)
   except BaseException:
@@ -392,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       try:
         while step < total_steps:
           batch = next(prefetch)
-          state, metrics = train_step(state, batch)
+          state, metrics = train_step(step, state, batch)
           acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
           acc_steps += 1
           step += 1
@@ -438,7 +469,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if interrupted:
         _log(f"stopped at step {step}; checkpoint saved in {ckpt.directory}/{step}")
         writer.flush()
-        return {"step": step, "final": {}, "best": best, "state": state, "interrupted": True}
+        return {"step": step, "final": {}, "best": best, "state": state, "interrupted": True,
+                "tiers": list(getattr(train_step, "tiers", []))}
       final: dict[str, float] = {}
       if config.evals:
         final = evaluate(state, step)
@@ -447,8 +479,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _log(f"final eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(final.items())))
       writer.write(step, final, final=True, best=best)
       writer.flush()
-      return {"step": step, "final": final, "best": best, "state": state, "interrupted": False}
+      return {"step": step, "final": final, "best": best, "state": state, "interrupted": False,
+              "tiers": list(getattr(train_step, "tiers", []))}
   finally:
+    if isinstance(train_step, exec_cache.TieredStep):  # an early exit: let the background compile finish (and store)
+      try:
+        train_step.wait_full()
+      except BaseException:  # noqa: BLE001 - the run's own outcome is what is reported
+        pass
     prefetch.close()
     ckpt.close()
 

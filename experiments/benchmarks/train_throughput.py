@@ -164,6 +164,18 @@ def _options(spec: dict[str, Any]) -> dict[str, Any] | None:
   return jaxflow_platform.compiler_options(spec.get("compiler_options") or {}, "compiler option ")
 
 
+def _fast_tier(spec: dict[str, Any]) -> bool:
+  """As the trainer: the first step runs on the step compiled with the options + LLVM -O0 when the model config's
+  fast_compile_steps (or --fast-compile-steps) is > 0 and the backend is CPU."""
+  import jax
+  return int(spec.get("fast_compile_steps", 0)) > 0 and jax.default_backend() == "cpu"
+
+
+def _fast_options(spec: dict[str, Any]) -> dict[str, Any]:
+  from jaxflow import exec_cache
+  return {**(_options(spec) or {}), **exec_cache.FAST_TIER_OPTIONS}
+
+
 def _lookup_parts(spec: dict[str, Any]) -> dict[str, str]:
   """What names the cached train step's pointer before any model is built (the run's settings as JSON)."""
   return {k: json.dumps(spec[k], sort_keys=True) for k in ("model", "loss", "optim", "dtype")}
@@ -180,7 +192,11 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   if early:
     from jaxflow import exec_cache, platform as jaxflow_platform
     jaxflow_platform.configure(cache_dir=os.environ["JAX_COMPILATION_CACHE_DIR"], min_compile_time_secs=0)
-    pending = exec_cache.prefetch("train_step", _lookup_parts(spec), exec_cache.default_dir(), _options(spec))
+    if _fast_tier(spec):  # the O0 tier first; the full step is loaded after it, in the background
+      pending = exec_cache.prefetch("train_step_o0", _lookup_parts(spec), exec_cache.default_dir(),
+                                    _fast_options(spec))
+    else:
+      pending = exec_cache.prefetch("train_step", _lookup_parts(spec), exec_cache.default_dir(), _options(spec))
   # Likewise the parameters' host draws (the abstract tree this run's settings led to last), in threads.
   host_pending = None
   if early and not os.environ.get("JAXFLOW_BENCH_LATE_DRAWS"):
@@ -222,7 +238,8 @@ def _jax_worker(spec: dict[str, Any]) -> None:
            "optim": json.dumps(spec["optim"], sort_keys=True)}
   image_shape = (1, INIT_SIZE, INIT_SIZE, 3)
   if spec.get("prefetch", True) and not early:  # the load started after the imports and the model build
-    pending = exec_cache.prefetch("train_step", _lookup_parts(spec), cache_dir, _options(spec))
+    pending = exec_cache.prefetch("train_step_o0" if _fast_tier(spec) else "train_step", _lookup_parts(spec),
+                                  cache_dir, _fast_options(spec) if _fast_tier(spec) else _options(spec))
   variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir, lookup_parts=_lookup_parts(spec))
   t_abstract = time.time()
   state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables), 0, rep,
@@ -243,18 +260,34 @@ def _jax_worker(spec: dict[str, Any]) -> None:
     _reply({"stablehlo_sha256": hashlib.sha256(lowered.as_text().encode()).hexdigest(),
             "stablehlo_debug_sha256": hashlib.sha256(lowered.as_text(debug_info=True).encode()).hexdigest()})
     return
-  cached = exec_cache.CachedFunction(step_fn, "train_step", parts, cache_dir, _options(spec),
+  fast_tier = _fast_tier(spec)
+  full = exec_cache.CachedFunction(step_fn, "train_step", parts, cache_dir, _options(spec),
+                                   log=lambda m: print(m, file=sys.stderr), prefetched=None if fast_tier else pending,
+                                   lookup_parts=_lookup_parts(spec), options_prefix="compiler option ")
+  tiered = None
+  if fast_tier:  # the trainer's tiers (exec_cache.TieredStep): O0 for the first step, the full one after
+    fast = exec_cache.CachedFunction(step_fn, "train_step_o0", parts, cache_dir, _fast_options(spec),
                                      log=lambda m: print(m, file=sys.stderr), prefetched=pending,
-                                     lookup_parts=_lookup_parts(spec), options_prefix="compiler option ")
+                                     lookup_parts=_lookup_parts(spec), options_prefix="compiler option ",
+                                     keep_lowered=True)
+    full.lowered_from = fast
+    tiered = exec_cache.TieredStep(fast, full, int(spec["fast_compile_steps"]))
+    cached = fast
+  else:
+    cached = full
   t_trace = time.time()
   if cache_dir is None:  # split tracing from lowering (the exec cache's miss path lowers in one call)
     step_fn.trace(state, batch)
   t_trace = time.time() - t_trace
   c_compile = time.process_time()
   compiled = cached.compile(state, batch)
+  if tiered is not None:
+    fast.compiled = compiled
+    tiered.start_full((state, batch))  # as the trainer: right after the O0 tier is ready
   c_compile = time.process_time() - c_compile
   t_compile = time.time()
   startup = {"abstract_s": t_abstract - t_import, "exec_cache_hit": cached.hit, "trace_s": t_trace,
+             "first_step_tier": "O0 (fast_compile_steps)" if tiered is not None else "full",
              "early_draws_used": bool(host_pending is not None and host_pending.used),
              "compile_cpu_s": c_compile, **{f"{k}_s": v for k, v in cached.timings.items()}}
   if spec.get("compile_only"):
@@ -282,12 +315,26 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   flops = float(cost.get("flops", float("nan"))) * devices if cost else float("nan")
   bytes_accessed = float(cost.get("bytes accessed", float("nan"))) * devices if cost else float("nan")
   t0 = spec["t0"]
+  # --timeline-steps: wall seconds from the process start to the end of each of the first N steps (the trainer's
+  # tiers: steps < fast_compile_steps on O0, then the full step, waited for at the switch).
+  step_times = [t_first - t0]
+  for i in range(1, int(spec.get("timeline_steps", 0))):
+    fn = (lambda s, b: tiered(i, s, b)) if tiered is not None else compiled
+    state, metrics = fn(state, batch)
+    jax.block_until_ready(metrics)
+    step_times.append(time.time() - t0)
+  if len(step_times) > 1:
+    startup["step_times_s"] = step_times
+    startup["timeline_process_cpu_s"] = time.process_time()
   _reply({"import_s": t_import - t0, "init_s": t_init - t_import, "data_s": t_data - t_init,
           "compile_s": t_compile - t_data, "first_step_s": t_first - t0, "flops_per_step": flops,
           "bytes_accessed_per_step": bytes_accessed, "devices": devices, "backend": jax.default_backend(),
           "loss": float(metrics["loss"]), "peak_rss_mib": _peak_rss_mib(), "jax_version": jax.__version__,
           "platform_configure": {k: v for k, v in applied.items() if k != "cache_dir"}, "startup": startup,
           "tensorflow_imported": "tensorflow" in sys.modules})
+  if tiered is not None:  # the steady rounds run the full program (a cold worker: it is stored before exiting)
+    tiered.wait_full()
+    compiled = full.compiled
   if spec.get("first_step_only"):
     return
   holder = {"state": state}
@@ -438,6 +485,12 @@ def model_compiler_options(name: str) -> dict[str, str]:
   return {k: v for k, v in (config.get("compiler_options") or {}).items()}
 
 
+def model_fast_compile_steps(name: str) -> int:
+  """configs/<name>.py:chairs's fast_compile_steps (how many first steps the trainer runs on the O0 tier)."""
+  import importlib
+  return int(importlib.import_module(f"configs.{name}").get_config("chairs").get("fast_compile_steps", 0))
+
+
 def parse_options(text: str | None, name: str) -> dict[str, str]:
   """--compiler-options: None or 'config' -> the model config's; 'none' or '' -> none (XLA's defaults);
   'NAME=VALUE NAME=VALUE' -> those."""
@@ -507,13 +560,16 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
   spec = {"model": model, "loss": loss, "optim": optim_cfg, "height": height, "width": width, "batch": batch,
           "dtype": args.dtype, "warmup": args.warmup, "torch_threads": args.torch_threads,
           "exec_cache": not args.no_exec_cache, "init_method": args.init_method, "prefetch": not args.no_prefetch,
-          "compiler_options": parse_options(args.compiler_options, name)}
+          "compiler_options": parse_options(args.compiler_options, name),
+          "fast_compile_steps": (model_fast_compile_steps(name) if args.fast_compile_steps is None
+                                 else args.fast_compile_steps), "timeline_steps": args.timeline_steps}
   result: dict[str, Any] = {
       "model": name, "dtype": args.dtype, "height": height, "width": width, "batch": batch,
       "jax_devices": args.jax_devices, "torch_threads": args.torch_threads,
       "torch_omp_wait_policy": args.torch_omp_wait, "steps": args.steps,
       "rounds": args.rounds, "warmup": args.warmup, "cores": _usable_cores(), "cpu": _cpu_model(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "compiler_options": spec["compiler_options"],
+      "fast_compile_steps": spec["fast_compile_steps"],
       "commit": _git_commit(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "loadavg_start": os.getloadavg()[0], "loss_config": loss}
@@ -542,6 +598,10 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
             f"{c['init_s']:.1f}, compile {c['compile_s']:.1f}); {c['flops_per_step'] / 1e9:.1f} GFLOP, "
             f"{c['bytes_accessed_per_step'] / 1e9:.2f} GB per step", flush=True)
       print(f"  cold split: {_split(c['startup'])}", flush=True)
+      print(f"  cold first step ran on: {c['startup'].get('first_step_tier', 'full')}"
+            + (f"; steps 1..{len(c['startup']['step_times_s'])} done after "
+               + ", ".join(f"{t:.1f}" for t in c['startup']['step_times_s']) + " s"
+               if 'step_times_s' in c['startup'] else ""), flush=True)
     # Warm: a second fresh process reusing the cache; it stays up as the measured jaxflow worker.
     jaxw = Worker("jax", spec, env)
     torchw = None
@@ -562,7 +622,8 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
             f"{wm['first_step_s']:.1f} s (import {wm['import_s']:.1f}, init {wm['init_s']:.1f}, data "
             f"{wm['data_s']:.1f}, compile {wm['compile_s']:.1f})", flush=True)
       print(f"  {'cold' if args.skip_cold else 'warm'} split: {_split(wm['startup'])}; TensorFlow imported before the "
-            f"first step: {wm['tensorflow_imported']}", flush=True)
+            f"first step: {wm['tensorflow_imported']}; first step ran on: "
+            f"{wm['startup'].get('first_step_tier', 'full')}", flush=True)
       jaxw.read()  # ready (warmed up)
       if not args.no_torch:
         torch_env = dict(os.environ)
@@ -740,6 +801,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-torch", action="store_true", help="jaxflow only")
   parser.add_argument("--cost-only", action="store_true",
                       help="only compile the jaxflow step and report its FLOPs and bytes (for --roofline)")
+  parser.add_argument("--fast-compile-steps", type=int, default=None,
+                      help="first steps on the O0-compiled step, as the trainer (default: the model config's "
+                           "fast_compile_steps; 0 = the full program from the first step)")
+  parser.add_argument("--timeline-steps", type=int, default=0,
+                      help="the cold worker also runs this many steps and reports when each finished (from its start)")
   parser.add_argument("--skip-cold", action="store_true",
                       help="no cold-start process (first_step_s and peak_rss_cold_mib are then not measured)")
   parser.add_argument("--no-exec-cache", action="store_true",
