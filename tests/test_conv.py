@@ -474,3 +474,58 @@ def test_layers_conv_transpose_has_nn_conv_transpose_parameters_and_values():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match=r"conv_transpose2d: .*\(2, 5, 6, 12\) and \(4, 4, 3, 10\)"):
     conv_ops.conv_transpose2d(x, jnp.zeros((4, 4, 3, 10)), (2, 2), ((2, 2), (2, 2)))
+
+
+# (x shape, kernel shape, padding, dilation): predict_flow's 3x3 'same', odd sizes, dilation, asymmetric and
+# cropping padding, a 7x7 kernel.
+TAPS_CASES = [((2, 9, 11, 6), (3, 3, 6, 2), ((1, 1), (1, 1)), (1, 1)),
+              ((1, 8, 7, 5), (3, 3, 5, 3), ((2, 2), (2, 2)), (2, 2)),
+              ((2, 7, 9, 4), (3, 3, 4, 2), ((0, 1), (2, 0)), (1, 1)),
+              ((1, 9, 8, 3), (7, 7, 3, 2), ((3, 3), (3, 3)), (1, 1))]
+
+
+@pytest.mark.parametrize("xs,ws,padding,d", TAPS_CASES)
+def test_conv2d_taps_values_and_grads(xs, ws, padding, d):
+  """The tap product equals a numpy loop over taps, whole and in channel parts; its (x, w) gradients equal lax
+  autodiff's."""
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.normal(size=xs), jnp.float32)
+  wt = jnp.asarray(rng.normal(size=ws) * 0.3, jnp.float32)
+  want = numpy_conv(x, wt, (1, 1), padding, d)
+  np.testing.assert_allclose(np.asarray(conv_ops.conv2d_taps(x, wt, padding, d)), want, rtol=1e-5, atol=1e-5)
+  parts = [x[..., :2], x[..., 2:]]
+  np.testing.assert_allclose(np.asarray(conv_ops.conv2d_taps(parts, wt, padding, d)), want, rtol=1e-5, atol=1e-5)
+  ref = lambda x_, w_: lax.conv_general_dilated(x_, w_, (1, 1), padding, rhs_dilation=d, dimension_numbers=DN)
+  loss = lambda f: jax.grad(lambda x_, w_: jnp.sum(jnp.sin(f(x_, w_))), (0, 1))
+  (gx, gw), (rx, rw) = loss(lambda a, b: conv_ops.conv2d_taps(a, b, padding, d))(x, wt), loss(ref)(x, wt)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-5, atol=1e-4)
+
+
+def test_conv2d_takes_the_tap_product_for_few_output_channels(monkeypatch):
+  """Selection: float32 stride-1 convolutions with C_out <= 8 and C_in >= 64 (predict_flow) compute their
+  forward values by conv2d_taps (no convolution in the forward program), through conv2d and conv2d_concat (the
+  parts never concatenated), with lax's values and gradients; C_out 9, C_in 63, stride 2, bfloat16 or impl 'lax'
+  keep XLA's convolution."""
+  rng = np.random.default_rng(10)
+  pad = ((1, 1), (1, 1))
+  x = jnp.asarray(rng.normal(size=(2, 6, 5, 64)), jnp.float32)
+  wt = jnp.asarray(rng.normal(size=(3, 3, 64, 2)) * 0.1, jnp.float32)
+  convs = lambda f, *a: str(jax.make_jaxpr(f)(*a)).count("conv_general_dilated")
+  assert convs(lambda a, b: conv_ops.conv2d(a, b, (1, 1), pad, impl="matmul"), x, wt) == 0
+  parts = [x[..., :40], x[..., 40:]]
+  jaxpr = str(jax.make_jaxpr(lambda ps, b: conv_ops.conv2d_concat(ps, b, (1, 1), pad, impl="matmul"))(parts, wt))
+  assert "conv_general_dilated" not in jaxpr and "concatenate" not in jaxpr
+  for f in (lambda a, b: conv_ops.conv2d(a, b, (1, 1), pad, impl="matmul"),
+            lambda a, b: conv_ops.conv2d_concat([a[..., :40], a[..., 40:]], b, (1, 1), pad, impl="matmul")):
+    loss = lambda g: jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(g(a, b))), (0, 1))
+    (v, (gx, gw)), (rv, (rx, rw)) = loss(f)(x, wt), loss(lambda a, b: lax_conv(a, b, 1, 1, 1))(x, wt)
+    np.testing.assert_allclose(float(v), float(rv), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-5, atol=1e-4)
+  fwd = lambda a, b, s=(1, 1), impl="matmul": conv_ops.conv2d(a, b, s, pad, impl=impl)
+  assert convs(fwd, x, jnp.zeros((3, 3, 64, 9))) == 1
+  assert convs(fwd, x[..., :63], wt[:, :, :63]) == 1
+  assert convs(lambda a, b: fwd(a, b, (2, 2)), x, wt) == 1
+  assert convs(fwd, x.astype(jnp.bfloat16), wt.astype(jnp.bfloat16)) == 1
+  assert convs(lambda a, b: fwd(a, b, impl="lax"), x, wt) == 1

@@ -13,7 +13,8 @@ convolutions where Winograd F(4x4, 3x3) now runs; 'matmul-s7': session 7's, the 
 Winograd's now runs; 'matmul-mem7': the default with session 7's memory behaviour: its Winograd loop
 (winograd._LOOP 'map'), LeakyReLU by autodiff of the where (layers._LEAKY_FROM_OUTPUT False) and concatenations'
 input gradients whole and sliced); 'matmul-cv8': the default with session 8's cost volume (jnp 'tiled_gather')
-instead of the C++ kernel (jaxflow.ops.correlation_ffi).
+instead of the C++ kernel (jaxflow.ops.correlation_ffi); 'matmul-s9': session 9's CPU path (XLA's convolution, not
+the tap product, for the forward of few output channels).
 
 A variant may add XLA compiler options for its step after a '+': 'IMPL+config' compiles with the model config's
 config.compiler_options (as the trainer does), 'IMPL+NAME=VALUE[+NAME=VALUE]' with those; plain 'IMPL' with XLA's
@@ -69,8 +70,10 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   import importlib as _importlib
   _importlib.import_module("jaxflow.ops.warp")._PARTITION_BWD = impl != "matmul-gather9"
   layers_lib._INTERLEAVE_FRAMES = False if impl == "matmul-gather9" else None
-  impl = "matmul" if impl in ("matmul-cv8", "matmul-scan", "matmul-s4", "matmul-s5", "matmul-s6", "matmul-s7",
-                              "matmul-mem7", "matmul-gather9") else impl
+  # 'matmul-s9': session 9's CPU path: XLA's convolution for the forward of few output channels (no tap product).
+  conv_ops._TAPS_MAX_COUT = 0 if impl == "matmul-s9" else 8
+  impl = "matmul" if impl in ("matmul-s9", "matmul-cv8", "matmul-scan", "matmul-s4", "matmul-s5", "matmul-s6",
+                              "matmul-s7", "matmul-mem7", "matmul-gather9") else impl
   conv_ops.set_default_impl(impl)
   model = get_model(model_name, dtype=dtype, **(model_overrides or {}))
   shape = (batch, height, width, 3)
@@ -96,6 +99,7 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
     conv_ops.set_default_impl("auto")
     conv_ops._IM2COL_MAX_POSITIONS, conv_ops._MATMUL_TRANSPOSE, conv_ops._SPLIT = 1536, True, True
     conv_ops._GATHER_TAPS = conv_ops._WINOGRAD = conv_ops._WINOGRAD_WGRAD = True
+    conv_ops._TAPS_MAX_COUT = 8
     winograd_ops._LOOP, layers_lib._LEAKY_FROM_OUTPUT, conv_ops._SPLIT_DX_MIN_BYTES = "write", True, 16 * 2**20
     return step, state, batch_arrays
   t = time.perf_counter()
@@ -105,6 +109,7 @@ def build(model_name: str, height: int, width: int, batch: int, impl: str, dtype
   conv_ops._STRIDE1_MODE = "blocked"
   conv_ops._IM2COL_MAX_POSITIONS, conv_ops._MATMUL_TRANSPOSE, conv_ops._SPLIT = 1536, True, True
   conv_ops._GATHER_TAPS = conv_ops._WINOGRAD = conv_ops._WINOGRAD_WGRAD = True
+  conv_ops._TAPS_MAX_COUT = 8
   winograd_ops._LOOP, layers_lib._LEAKY_FROM_OUTPUT, conv_ops._SPLIT_DX_MIN_BYTES = "write", True, 16 * 2**20
   return compiled, state, batch_arrays, compile_s
 

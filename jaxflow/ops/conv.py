@@ -39,6 +39,11 @@ input gradients, by F(4x4, 3x3) (1.4-2.4x less CPU time than XLA's convolution a
 gradients by F(4x4, 3x3) too (mode 'winograd', jaxflow.ops.winograd_wgrad) where the output has at least 96
 channels (`weight_grad_mode`), the modes above otherwise.
 
+Few output channels (`conv2d_taps`): the forward of float32 stride-1 convolutions with C_out <= 8 and C_in >= 64
+(predict_flow) is one product of the input (or of each part of a concatenation) with the kernel's taps side by
+side and a shifted sum of the taps' outputs: XLA's convolution ran those at 8.5-14 GFLOP per CPU-s on the AVX-512
+machine, the product at 41-43 (session 10).
+
 Selection: `conv2d(..., impl=None)` uses the matmul weight gradient on the CPU backend and plain lax elsewhere
 (GPU/TPU convolution gradients are native and fast). `set_default_impl('lax' | 'matmul' | 'auto')` overrides it
 process-wide (tests, benchmarks).
@@ -528,9 +533,64 @@ def use_winograd(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequen
           and cin * cout >= _WINOGRAD_MIN_CHANNEL_PRODUCT)
 
 
-def _cpu_conv(x: jax.Array, w: jax.Array, strides, padding, dilation) -> jax.Array:
-  """The CPU path's convolution values: Winograd where `use_winograd` says so, XLA's otherwise."""
-  if use_winograd(x.shape, w.shape, strides, padding, dilation, jnp.result_type(x.dtype, w.dtype)):
+def conv2d_taps(x: jax.Array | Sequence[jax.Array], w: jax.Array, padding: Sequence[tuple[int, int]],
+                dilation: Sequence[int]) -> jax.Array:
+  """Stride-1 convolution as one product per input part and a shifted sum: Z = sum_p x_p (N*H*W, C_p) @
+  w_p (C_p, kh*kw*C_out), then y[n, oy, ox] = sum over taps (i, j) of Zp[n, oy + d*i, ox + d*j, tap (i, j)] with
+  Zp = Z zero-padded by `padding` (the taps' windows of the padded input, moved from the input, C_in channels,
+  to the product, kh*kw*C_out channels).
+
+  For few output channels (predict_flow's 565 -> 2): XLA:CPU's convolution ran those at 8.5-14 GFLOP per CPU-s on
+  the AVX-512 machine, this at 41-43 (conv_paths10.py b8: 96x128 141 -> 47 CPU-ms, 48x64 35 -> 12; session 10).
+  x: (N, H, W, C_in) or channel parts (N, H, W, C_p) whose concatenation is the input (never concatenated);
+  w (kh, kw, C_in, C_out); explicit non-negative padding. Same values as `conv2d` (float32 accumulation, the
+  sums in another order); returns (N, Ho, Wo, C_out) in the promoted dtype. Differentiable by jax (products,
+  pads and slices)."""
+  xs = [x] if isinstance(x, (jax.Array, np.ndarray)) else list(x)
+  kh, kw, cin, cout = w.shape
+  n, h, wd, _ = xs[0].shape
+  if sum(p.shape[-1] for p in xs) != cin:
+    raise ValueError(f"conv2d_taps: the inputs' channels {[p.shape[-1] for p in xs]} do not add up to the "
+                     f"kernel's C_in {cin} (w shape {w.shape})")
+  (dy, dx) = dilation
+  ho, wo = _out_size(h, *padding[0], kh, 1, dy), _out_size(wd, *padding[1], kw, 1, dx)
+  acc = jnp.result_type(jnp.float32, xs[0].dtype, w.dtype)
+  wm = jnp.transpose(w, (2, 0, 1, 3)).reshape(cin, kh * kw * cout)
+  z, a = None, 0
+  for p in xs:
+    c = p.shape[-1]
+    zp = jnp.matmul(p.reshape(n * h * wd, c), wm[a:a + c], preferred_element_type=acc)
+    z, a = (zp if z is None else z + zp), a + c
+  z = jnp.pad(z.reshape(n, h, wd, kh * kw, cout), ((0, 0), padding[0], padding[1], (0, 0), (0, 0)))
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      t = z[:, dy * i:dy * i + ho, dx * j:dx * j + wo, i * kw + j]
+      y = t if y is None else y + t
+  return y.astype(jnp.result_type(xs[0].dtype, w.dtype))
+
+
+# Forward convolutions (stride 1, float32) with at most this many output channels and at least
+# _TAPS_MIN_CIN input channels run as `conv2d_taps` (0: never; benchmarks set it to compare with XLA's).
+_TAPS_MAX_COUT = 8
+_TAPS_MIN_CIN = 64
+
+
+def _use_taps(x_shape, w_shape, strides, dtype) -> bool:
+  return (tuple(strides) == (1, 1) and w_shape[3] <= _TAPS_MAX_COUT and w_shape[2] >= _TAPS_MIN_CIN
+          and jnp.dtype(dtype) == jnp.float32)
+
+
+def _cpu_conv(x: jax.Array | Sequence[jax.Array], w: jax.Array, strides, padding, dilation) -> jax.Array:
+  """The CPU path's convolution values: Winograd where `use_winograd` says so, the tap product for few output
+  channels (`_use_taps`), XLA's otherwise. x may be a sequence of channel parts (concatenated unless taps)."""
+  xs = [x] if isinstance(x, (jax.Array, np.ndarray)) else list(x)
+  x_shape = (*xs[0].shape[:3], w.shape[2])
+  dtype = jnp.result_type(xs[0].dtype, w.dtype)
+  if _use_taps(x_shape, w.shape, strides, dtype):
+    return conv2d_taps(xs, w, padding, dilation)
+  x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)
+  if use_winograd(x.shape, w.shape, strides, padding, dilation, dtype):
     return winograd.conv3x3_same(x, w)
   return _lax_conv(x, w, strides, padding, dilation)
 
@@ -759,13 +819,13 @@ def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_of_concat(xs, w, strides, padding, dilation):
-  return _cpu_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation)
+  return _cpu_conv(xs, w, strides, padding, dilation)
 
 
 def _concat_fwd(xs, w, strides, padding, dilation):
   # The concatenation is a temporary of the forward pass; only the parts (already alive as the outputs of
   # earlier layers) are kept for the backward pass.
-  return _cpu_conv(jnp.concatenate(xs, axis=-1), w, strides, padding, dilation), (xs, w)
+  return _cpu_conv(xs, w, strides, padding, dilation), (xs, w)
 
 
 def _concat_bwd(strides, padding, dilation, res, g):
@@ -842,6 +902,6 @@ def flax_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=No
   return conv2d(lhs, rhs, window_strides, padding, rhs_dilation or (1, 1), impl="matmul")
 
 
-__all__ = ["conv2d", "conv2d_concat", "conv2d_im2col", "conv_transpose2d", "conv_transpose2d_matmul",
-           "flax_conv_general_dilated", "get_default_impl", "set_default_impl", "weight_grad_matmul",
-           "weight_grad_mode"]
+__all__ = ["conv2d", "conv2d_concat", "conv2d_im2col", "conv2d_taps", "conv_transpose2d",
+           "conv_transpose2d_matmul", "flax_conv_general_dilated", "get_default_impl", "set_default_impl",
+           "weight_grad_matmul", "weight_grad_mode"]
