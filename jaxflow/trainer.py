@@ -265,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_iter_fn / eval_iter_fn / loss_fn default to data_pipelines.pipeline and jaxflow.losses, model to
   get_model(config.model.name, **fields) (tests inject small fakes). num_devices restricts the mesh to the first devices (single process). stop_after_steps stops
   (with a checkpoint) after that many steps of this invocation, like an interruption.
-  Returns {"step", "final": {metrics}, "best": {...}, "state": TrainState}.
+  Returns {"step", "final": {metrics}, "best": {...}, "state": TrainState, "interrupted", "tiers"}; "tiers" lists
+  (first global step, "fast" | "full") of a run that started below config.fast_compile_steps (else []).
   """
   workdir = os.path.abspath(workdir)
   train_iter_fn = train_iter_fn or default_train_iter
