@@ -25,8 +25,9 @@ Top-level fields:
                         --config.compiler_options.NAME=VALUE changes a given option, --config.compiler_options=
                         "{'NAME': 'VALUE'}" replaces the set ({} = none). XLA rejecting a name or value is an error
                         naming config.compiler_options.NAME (at the step's compile).
-  fast_compile_steps    int >= 0 (default 0 = off; PWC-Net's configs set 1): on the CPU backend, global steps < this value (counted from
-                        step 0, so a resume at a later step never uses it) run the train step compiled with
+  fast_compile_steps    int >= 0 (default 0 = off; PWC-Net's local variant sets 1): on the CPU backend, global
+                        steps < this value (counted from step 0, so a resume at a later step never uses it) run the
+                        train step compiled with
                         compiler_options plus xla_backend_optimization_level=0 (about half the compile; slower
                         steps, and not bitwise equal to the full program's); the full program is compiled in the
                         background meanwhile and used from this step on. Results depend only on the config and the
@@ -128,7 +129,7 @@ def base_config(model_name: str, **model_overrides: Any) -> ml_collections.Confi
   c.trainable_levels = ()
   c.spynet_copy_previous_level = False
   c.compiler_options = ml_collections.ConfigDict()
-  c.fast_compile_steps = 0  # PWC-Net's configs set 1 (the only model whose cold start gains; see configs/pwcnet.py)
+  c.fast_compile_steps = 0  # PWC-Net's local variant sets 1 (see configs/pwcnet.py)
   return c
 
 

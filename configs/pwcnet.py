@@ -36,11 +36,6 @@ def get_config(arg: str | None = None):
   # step at 128x128 and 384x512, a shorter warm start (fewer YNN fusions to find at the load and to build at the
   # first execution). BENCHMARKS.md, "Session 9: per-program compiler options". Ignored off the CPU.
   c.compiler_options.xla_cpu_experimental_ynn_fusion_type = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-  # The first step runs on the train step compiled at LLVM -O0 while the full program compiles in the background
-  # (config.fast_compile_steps, CPU only): PWC-Net's cold first step 22.7 -> 10.6 s at load ~2, warm 1.4 -> 1.9 s.
-  # The other models keep 0: their compile is short, and the extra O0 executable only lengthens their warm start.
-  # BENCHMARKS.md, "Session 10: deterministic fast-compile first step".
-  c.fast_compile_steps = 1
   common.apply_schedule(c, "s_long")
   c.loss.reduction = "sum"  # paper: sum over pixels per image (Eq. 1); the robust loss likewise
   c.loss.div_flow = c.model.div_flow
@@ -66,6 +61,12 @@ def get_config(arg: str | None = None):
     common.local_variant(c, steps=steps, batch=4, crop=(128, 128), lr=4e-4)
     c.model.cost_volume_norm = "cosine"
     c.eval_every_steps = max(100, steps // 800 * 100)
+    # The first step runs on the train step compiled at LLVM -O0 while the full program compiles in the background
+    # (config.fast_compile_steps, CPU only): at 128x128 b4 the cold first step 14.0 -> 10.3 s, warm 1.4 -> 1.9 s
+    # (quiet). Not at the full-size variants: at 384x512 b8 the O0 step takes ~2x a full one, so a cold start gains
+    # nothing (30.1 vs 29.8 s) and a warm one loses ~6 s; nor for the other models (short compiles). BENCHMARKS.md,
+    # "Session 10: deterministic fast-compile first step".
+    c.fast_compile_steps = 1
   return common.finalize(c)
 
 

@@ -138,8 +138,9 @@ def test_bad_value_is_an_error_naming_the_key(tmp_path, value):
     th.run(th.tiny_config(total_steps=1, fast_compile_steps=value), str(tmp_path / "x"))
 
 
-@pytest.mark.parametrize("name,expected", [("flownet_s", 0), ("flownet_c", 0), ("spynet", 0), ("pwcnet", 1)])
+@pytest.mark.parametrize("name", ["flownet_s", "flownet_c", "spynet", "pwcnet"])
 @pytest.mark.parametrize("variant", ["local", "chairs"])
-def test_model_configs_fast_steps(name, expected, variant):
-  # Only PWC-Net's cold start gains from the O0 first step; the others' configs keep it off.
+def test_model_configs_fast_steps(name, variant):
+  # Only PWC-Net's small local variant gains from the O0 first step; every other config keeps it off.
+  expected = 1 if (name, variant) == ("pwcnet", "local") else 0
   assert importlib.import_module(f"configs.{name}").get_config(variant).fast_compile_steps == expected

@@ -485,10 +485,13 @@ def model_compiler_options(name: str) -> dict[str, str]:
   return {k: v for k, v in (config.get("compiler_options") or {}).items()}
 
 
-def model_fast_compile_steps(name: str) -> int:
-  """configs/<name>.py:chairs's fast_compile_steps (how many first steps the trainer runs on the O0 tier)."""
+def model_fast_compile_steps(name: str, height: int, width: int, batch: int) -> int:
+  """The model config's fast_compile_steps (how many first steps the trainer runs on the O0 tier) at this size:
+  configs/<name>.py:local's at or below its 128x128 batch-4 size, else configs/<name>.py:chairs's (PWC-Net's
+  local variant sets 1, every other variant 0)."""
   import importlib
-  return int(importlib.import_module(f"configs.{name}").get_config("chairs").get("fast_compile_steps", 0))
+  variant = "local" if height * width * batch <= 128 * 128 * 4 else "chairs"
+  return int(importlib.import_module(f"configs.{name}").get_config(variant).get("fast_compile_steps", 0))
 
 
 def parse_options(text: str | None, name: str) -> dict[str, str]:
@@ -561,7 +564,7 @@ def benchmark(name: str, height: int, width: int, batch: int, args: argparse.Nam
           "dtype": args.dtype, "warmup": args.warmup, "torch_threads": args.torch_threads,
           "exec_cache": not args.no_exec_cache, "init_method": args.init_method, "prefetch": not args.no_prefetch,
           "compiler_options": parse_options(args.compiler_options, name),
-          "fast_compile_steps": (model_fast_compile_steps(name) if args.fast_compile_steps is None
+          "fast_compile_steps": (model_fast_compile_steps(name, height, width, batch) if args.fast_compile_steps is None
                                  else args.fast_compile_steps), "timeline_steps": args.timeline_steps}
   result: dict[str, Any] = {
       "model": name, "dtype": args.dtype, "height": height, "width": width, "batch": batch,
@@ -803,7 +806,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="only compile the jaxflow step and report its FLOPs and bytes (for --roofline)")
   parser.add_argument("--fast-compile-steps", type=int, default=None,
                       help="first steps on the O0-compiled step, as the trainer (default: the model config's "
-                           "fast_compile_steps; 0 = the full program from the first step)")
+                           "fast_compile_steps, of its local variant at <= 128x128 b4, else of chairs; 0 = the full "
+                           "program from the first step)")
   parser.add_argument("--timeline-steps", type=int, default=0,
                       help="the cold worker also runs this many steps and reports when each finished (from its start)")
   parser.add_argument("--skip-cold", action="store_true",
