@@ -27,11 +27,10 @@ Top-level fields:
                         naming config.compiler_options.NAME (at the step's compile).
   fast_compile_steps    int >= 0 (default 0 = off; PWC-Net's local variant sets 1): on the CPU backend, global
                         steps < this value (counted from step 0, so a resume at a later step never uses it) run the
-                        train step compiled with
-                        compiler_options plus xla_backend_optimization_level=0 (about half the compile; slower
-                        steps, and not bitwise equal to the full program's); the full program is compiled in the
-                        background meanwhile and used from this step on. Results depend only on the config and the
-                        start step. Ignored on GPU / TPU.
+                        train step compiled with compiler_options plus xla_backend_optimization_level=0 (about
+                        half the compile; slower steps, and not bitwise equal to the full program's); the full
+                        program is compiled in the background meanwhile and used from this step on. Results depend
+                        only on the config and the start step. Ignored on GPU / TPU.
 """
 
 from __future__ import annotations
