@@ -144,3 +144,47 @@ def test_model_configs_fast_steps(name, variant):
   # Only PWC-Net's small local variant gains from the O0 first step; every other config keeps it off.
   expected = 1 if (name, variant) == ("pwcnet", "local") else 0
   assert importlib.import_module(f"configs.{name}").get_config(variant).fast_compile_steps == expected
+
+
+
+def test_full_compile_and_o0_store_start_after_the_first_step(tmp_path, monkeypatch):
+  # The first step runs alone (both cores); the O0 entry is written and the full program compiled after it.
+  from jaxflow import models
+  models.list_models()
+  monkeypatch.setitem(models._REGISTRY, "tiny_test", th.TinyFlow)  # registered: the trainer's exec cache is on
+  events: list[str] = []
+  real_compile, real_store = exec_cache._compile, exec_cache.store
+  tier = lambda options: "o0" if (options or {}).get(O0) == 0 else "full"
+
+  class Step:
+    def __init__(self, compiled, options):
+      self.compiled, self.tier = compiled, tier(options)
+
+    def __call__(self, *args):
+      out = jax.block_until_ready(self.compiled(*args))
+      events.append(f"run {self.tier}")
+      return out
+
+  def compile_spy(lowered, options, prefix=""):
+    compiled = real_compile(lowered, options, prefix)
+    events.append(f"compile {tier(options)}")
+    return Step(compiled, options)
+
+  def store_spy(path, compiled, executable_bytes=None):
+    name = os.path.basename(path).split("-")[0]
+    events.append(f"store {name}")
+    return real_store(path, compiled.compiled if isinstance(compiled, Step) else compiled, executable_bytes)
+
+  monkeypatch.setattr(exec_cache, "_compile", compile_spy)
+  monkeypatch.setattr(exec_cache, "store", store_spy)
+  old_dir = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+  try:
+    trainer.train_and_evaluate(th.tiny_config(total_steps=2, fast_compile_steps=1), str(tmp_path / "run"),
+                               train_iter_fn=th.fake_train_iter, eval_iter_fn=th.fake_eval_iter)
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old_dir)
+  # From the train step's O0 compile on (the init program before it is compiled at O0 too).
+  start = len(events) - 1 - events[::-1].index("compile o0")
+  assert events[start:] == ["compile o0", "run o0", "store train_step_o0", "compile full", "store train_step",
+                            "run full"], events
