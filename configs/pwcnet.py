@@ -63,9 +63,9 @@ def get_config(arg: str | None = None):
     c.eval_every_steps = max(100, steps // 800 * 100)
     # The first step runs on the train step compiled at LLVM -O0 while the full program compiles in the background
     # (config.fast_compile_steps, CPU only): at 128x128 b4 the cold first step 14.0 -> 9.4 s, warm 1.4 -> 1.6 s
-    # (quiet, median of 5). Not at the full-size variants: at 384x512 b8 the O0 step takes ~2x a full one, so a cold start gains
-    # nothing (30.1 vs 29.8 s) and a warm one loses ~6 s; nor for the other models (short compiles). BENCHMARKS.md,
-    # "Session 10: deterministic fast-compile first step".
+    # (quiet, median of 5). Not at the full-size variants: at 384x512 b8 the O0 step takes ~2x a full one, so a
+    # cold start gains nothing (30.1 vs 29.8 s) and a warm one loses ~6 s; nor for the other models (short
+    # compiles). BENCHMARKS.md, "Session 10: deterministic fast-compile first step".
     c.fast_compile_steps = 1
   return common.finalize(c)
 

@@ -167,7 +167,8 @@ def per_image(fn: Callable[..., Any], rule: str) -> Callable[..., Any]:
         res = tuple(jax.lax.psum(r, axes) if sm else r for r, sm in zip(res, summed))
         return res[0] if single else res
 
-      args = shardings(mesh, arg_shapes[0], operands, whole_ops) + shardings(mesh, arg_shapes[0], consts, (True,) * len(consts))
+      args = (shardings(mesh, arg_shapes[0], operands, whole_ops)
+              + shardings(mesh, arg_shapes[0], consts, (True,) * len(consts)))
       return mesh, lower, out[0] if single else tuple(out), tuple(args)
 
     full = lhs + "".join(f", {' '.join(t)}" for t in consts) + " ->" + rhs

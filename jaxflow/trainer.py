@@ -63,12 +63,11 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None
 
 
 FAST_COMPILE_KEY = "config.fast_compile_steps"
-FAST_TIER_OPTIONS = exec_cache.FAST_TIER_OPTIONS
 
 
 def fast_compile_steps(config: ml_collections.ConfigDict) -> int:
   """config.fast_compile_steps (0 when the config has no such field): how many global steps from step 0 run on the
-  train step compiled with FAST_TIER_OPTIONS added (CPU backend only). A negative or non-integer value is a
+  train step compiled with exec_cache.FAST_TIER_OPTIONS added (CPU backend only). A negative or non-integer value is a
   ValueError naming the key."""
   value = config.get("fast_compile_steps", 0)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
@@ -307,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # config and the step, so results never depend on how long the full compile took.
     fast_steps = fast_compile_steps(config)
     tiered = fast_steps > 0 and jax.default_backend() == "cpu" and (start or 0) < fast_steps
-    fast_options = {**(options or {}), **FAST_TIER_OPTIONS}
+    fast_options = {**(options or {}), **exec_cache.FAST_TIER_OPTIONS}
     # Tiered: the full step is loaded by the background thread after the fast one (no two loads at once).
     step_prefetch = exec_cache.prefetch("train_step_o0" if tiered else "train_step", lookup_parts, cache_dir,
                                         fast_options if tiered else options)
