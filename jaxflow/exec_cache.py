@@ -529,6 +529,14 @@ def abstract_args(args: Any) -> Any:
                       if isinstance(x, jax.Array) else x, args)
 
 
+def first_entry(name: str, options: Mapping[str, Any] | None, tiered: bool) -> tuple[str, dict[str, Any] | None]:
+  """The (entry name, compiler options) of the executable a start needs first (what to `prefetch`): a tiered
+  step's fast tier (`name`_o0, the options plus FAST_TIER_OPTIONS), else `name` with its options."""
+  if tiered:
+    return f"{name}_o0", {**(options or {}), **FAST_TIER_OPTIONS}
+  return name, (dict(options) if options else None)
+
+
 class TieredStep:
   """jaxflow.trainer's train step of a run whose global steps < `switch` use the fast (O0) tier: the fast executable is
   compiled (or loaded) on the caller's thread at the first call, and the first step runs on it to completion (its
@@ -544,6 +552,18 @@ class TieredStep:
     self._thread = None
     self._error: BaseException | None = None
     self.tiers: list[tuple[int, str]] = []  # (first global step, "fast" | "full"): the switch points taken
+
+  @classmethod
+  def build(cls, jitted: Any, name: str, key_parts: Mapping[str, Any], cache_dir: str | None,
+            compiler_options: Mapping[str, Any] | None, switch: int, prefetched: Prefetch | None = None,
+            **kwargs: Any) -> "TieredStep":
+    """The two tiers of one jitted step: the fast one (`first_entry`; given the prefetch, keeping its lowering)
+    and the full one (`name`, the options, compiled from that lowering); kwargs go to both CachedFunctions."""
+    fast_name, fast_options = first_entry(name, compiler_options, True)
+    fast = CachedFunction(jitted, fast_name, key_parts, cache_dir, fast_options, prefetched=prefetched,
+                          keep_lowered=True, **kwargs)
+    full = CachedFunction(jitted, name, key_parts, cache_dir, compiler_options, lowered_from=fast, **kwargs)
+    return cls(fast, full, switch)
 
   def start_full(self, abstract: tuple[Any, ...]) -> None:
     """Starts the background thread (the fast tier's deferred cache write, then the full compile) for arguments

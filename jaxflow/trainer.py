@@ -306,10 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # config and the step, so results never depend on how long the full compile took.
     fast_steps = fast_compile_steps(config)
     tiered = fast_steps > 0 and jax.default_backend() == "cpu" and (start or 0) < fast_steps
-    fast_options = {**(options or {}), **exec_cache.FAST_TIER_OPTIONS}
     # Tiered: the full step is loaded by the background thread after the fast one (no two loads at once).
-    step_prefetch = exec_cache.prefetch("train_step_o0" if tiered else "train_step", lookup_parts, cache_dir,
-                                        fast_options if tiered else options)
+    first_name, first_options = exec_cache.first_entry("train_step", options, tiered)
+    step_prefetch = exec_cache.prefetch(first_name, lookup_parts, cache_dir, first_options)
     # A fresh run (nothing to resume) also starts the parameters' host draws in threads: the values of the tree
     # this config led to last, used only if the model's tree, rules and seed match (param_init).
     host_prefetch = param_init.prefetch_host_variables(lookup_parts, config.seed, cache_dir) if start is None \
@@ -354,17 +353,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # the options and the jaxflow sources (jaxflow.exec_cache); off without a compilation cache dir and for
     # injected models / losses (their code is not hashed): then it only compiles (an option XLA rejects is an
     # error naming config.compiler_options.<name>).
-    full_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir, options,
-                                          prefetched=None if tiered else step_prefetch, lookup_parts=lookup_parts,
-                                          options_prefix=OPTIONS_PREFIX)
     if tiered:
       # Same jitted function (donation, shardings), one lowering compiled twice: options + O0, then options.
-      fast_step = exec_cache.CachedFunction(train_step, "train_step_o0", cache_parts, cache_dir, fast_options,
-                                            prefetched=step_prefetch, lookup_parts=lookup_parts,
-                                            options_prefix=OPTIONS_PREFIX, keep_lowered=True)
-      full_step.lowered_from = fast_step
-      train_step = exec_cache.TieredStep(fast_step, full_step, fast_steps)
+      train_step = exec_cache.TieredStep.build(train_step, "train_step", cache_parts, cache_dir, options, fast_steps,
+                                               prefetched=step_prefetch, lookup_parts=lookup_parts,
+                                               options_prefix=OPTIONS_PREFIX)
     else:
+      full_step = exec_cache.CachedFunction(train_step, "train_step", cache_parts, cache_dir, options,
+                                            prefetched=step_prefetch, lookup_parts=lookup_parts,
+                                            options_prefix=OPTIONS_PREFIX)
       train_step = lambda step, state, batch, _f=full_step: _f(state, batch)
     eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(state_sharding, dshard),
                         out_shardings=(rep, dshard), compiler_options=options)

@@ -171,9 +171,10 @@ def _fast_tier(spec: dict[str, Any]) -> bool:
   return int(spec.get("fast_compile_steps", 0)) > 0 and jax.default_backend() == "cpu"
 
 
-def _fast_options(spec: dict[str, Any]) -> dict[str, Any]:
+def _first_entry(spec: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+  """As the trainer: the train step's entry (name, compiler options) to prefetch, its fast tier's when tiered."""
   from jaxflow import exec_cache
-  return {**(_options(spec) or {}), **exec_cache.FAST_TIER_OPTIONS}
+  return exec_cache.first_entry("train_step", _options(spec), _fast_tier(spec))
 
 
 def _lookup_parts(spec: dict[str, Any]) -> dict[str, str]:
@@ -192,11 +193,9 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   if early:
     from jaxflow import exec_cache, platform as jaxflow_platform
     jaxflow_platform.configure(cache_dir=os.environ["JAX_COMPILATION_CACHE_DIR"], min_compile_time_secs=0)
-    if _fast_tier(spec):  # the O0 tier first; the full step is loaded after it, in the background
-      pending = exec_cache.prefetch("train_step_o0", _lookup_parts(spec), exec_cache.default_dir(),
-                                    _fast_options(spec))
-    else:
-      pending = exec_cache.prefetch("train_step", _lookup_parts(spec), exec_cache.default_dir(), _options(spec))
+    # Tiered: the O0 tier first; the full step is loaded after it, in the background.
+    first_name, first_options = _first_entry(spec)
+    pending = exec_cache.prefetch(first_name, _lookup_parts(spec), exec_cache.default_dir(), first_options)
   # Likewise the parameters' host draws (the abstract tree this run's settings led to last), in threads.
   host_pending = None
   if early and not os.environ.get("JAXFLOW_BENCH_LATE_DRAWS"):
@@ -238,8 +237,8 @@ def _jax_worker(spec: dict[str, Any]) -> None:
            "optim": json.dumps(spec["optim"], sort_keys=True)}
   image_shape = (1, INIT_SIZE, INIT_SIZE, 3)
   if spec.get("prefetch", True) and not early:  # the load started after the imports and the model build
-    pending = exec_cache.prefetch("train_step_o0" if _fast_tier(spec) else "train_step", _lookup_parts(spec),
-                                  cache_dir, _fast_options(spec) if _fast_tier(spec) else _options(spec))
+    first_name, first_options = _first_entry(spec)
+    pending = exec_cache.prefetch(first_name, _lookup_parts(spec), cache_dir, first_options)
   variables = param_init.abstract_variables(model, image_shape, cache_dir=cache_dir, lookup_parts=_lookup_parts(spec))
   t_abstract = time.time()
   state, abstract = create_train_state(make_init_fn(model, tx, image_shape, variables=variables), 0, rep,
@@ -260,21 +259,15 @@ def _jax_worker(spec: dict[str, Any]) -> None:
     _reply({"stablehlo_sha256": hashlib.sha256(lowered.as_text().encode()).hexdigest(),
             "stablehlo_debug_sha256": hashlib.sha256(lowered.as_text(debug_info=True).encode()).hexdigest()})
     return
-  fast_tier = _fast_tier(spec)
-  full = exec_cache.CachedFunction(step_fn, "train_step", parts, cache_dir, _options(spec),
-                                   log=lambda m: print(m, file=sys.stderr), prefetched=None if fast_tier else pending,
-                                   lookup_parts=_lookup_parts(spec), options_prefix="compiler option ")
+  kw = dict(log=lambda m: print(m, file=sys.stderr), prefetched=pending, lookup_parts=_lookup_parts(spec),
+            options_prefix="compiler option ")
   tiered = None
-  if fast_tier:  # the trainer's tiers (exec_cache.TieredStep): O0 for the first step, the full one after
-    fast = exec_cache.CachedFunction(step_fn, "train_step_o0", parts, cache_dir, _fast_options(spec),
-                                     log=lambda m: print(m, file=sys.stderr), prefetched=pending,
-                                     lookup_parts=_lookup_parts(spec), options_prefix="compiler option ",
-                                     keep_lowered=True)
-    full.lowered_from = fast
-    tiered = exec_cache.TieredStep(fast, full, int(spec["fast_compile_steps"]))
-    cached = fast
+  if _fast_tier(spec):  # the trainer's tiers (exec_cache.TieredStep): O0 for the first step, the full one after
+    tiered = exec_cache.TieredStep.build(step_fn, "train_step", parts, cache_dir, _options(spec),
+                                         int(spec["fast_compile_steps"]), **kw)
+    cached, full = tiered.fast, tiered.full
   else:
-    cached = full
+    cached = exec_cache.CachedFunction(step_fn, "train_step", parts, cache_dir, _options(spec), **kw)
   t_trace = time.time()
   if cache_dir is None:  # split tracing from lowering (the exec cache's miss path lowers in one call)
     step_fn.trace(state, batch)
@@ -283,7 +276,7 @@ def _jax_worker(spec: dict[str, Any]) -> None:
   compiled = cached.compile(state, batch)
   abstract = None
   if tiered is not None:
-    fast.compiled = compiled
+    tiered.fast.compiled = compiled
     abstract = exec_cache.abstract_args((state, batch))  # the full compile starts after the first step (trainer)
   c_compile = time.process_time() - c_compile
   t_compile = time.time()
